@@ -1,0 +1,1 @@
+"""Unsupervised object detection: LOST and what comes after it, as a library (no Hydra, no global state)."""
