@@ -1,0 +1,65 @@
+# One entry point per stage; every target installs the environment first when it is missing.
+#   make demo                    LOST on the embedded demo photos
+#   make test                    the test suite
+#   make mine ARGS="dataset=voc07 backbone=dino_vits16"
+# ARGS is passed to the stage as Hydra overrides (use -m for a multirun sweep).
+# FORCE=1 redoes a stage even if its results are complete.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+NPROC ?= 1
+FORCE ?= 0
+DATA_ROOT ?= data
+
+ifeq ($(FORCE),1)
+FORCE_MINE := mine.force=true
+FORCE_ARGS := force=true
+endif
+
+.PHONY: install demo test test-all mine merge train-cag evaluate-cag cluster train-cad evaluate-cad \
+        status data-voc07 data-voc12 data-coco benchmark clean-outputs help
+
+help:
+	@sed -n '1,6p' Makefile
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stages.mine dataset=demo backbone.init=auto $(FORCE_MINE) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+mine: $(STAMP)
+	$(PY) -m stages.mine $(FORCE_MINE) $(ARGS)
+
+merge: $(STAMP)
+	$(PY) -m stages.mine mine.merge_only=true $(ARGS)
+
+data-voc07: $(STAMP)
+	$(PY) -m pipeline.data.download voc07 --root $(DATA_ROOT)
+
+data-voc12: $(STAMP)
+	$(PY) -m pipeline.data.download voc12 --root $(DATA_ROOT)
+
+data-coco: $(STAMP)
+	$(PY) -m pipeline.data.download coco20k --root $(DATA_ROOT)
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/mine_throughput.py $(ARGS)
+
+clean-outputs:
+	rm -rf outputs/*/ outputs/hydra

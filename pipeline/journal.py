@@ -1,0 +1,78 @@
+"""Append-only JSON-lines journals: per-item results written as they are computed.
+
+A journal survives a crash losing at most the line being written: every line is flushed and fsync'ed,
+and a truncated last line (the process died mid-write) is cut off when the journal is reopened. A
+sidecar ``<name>.meta.json`` records what produced the journal; reopening it with a different meta
+raises :class:`JournalMismatch` instead of silently mixing results of two configurations.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.artifacts import read_json, write_json
+
+
+class JournalMismatch(RuntimeError):
+    pass
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], key: str = "index") -> None:
+        self.path = Path(path)
+        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(json.dumps(meta, sort_keys=True, default=str))
+        if self.meta_path.exists() and self.path.exists():
+            old = read_json(self.meta_path, "journal meta")
+            if old != meta:
+                changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                raise JournalMismatch(
+                    f"{self.path} holds partial results of a different configuration (changed: "
+                    f"{', '.join(changed)}). Rerun with FORCE=1 (mine.force=true) to start again, or "
+                    f"restore the previous settings to resume."
+                )
+        else:
+            write_json(self.meta_path, meta)
+        self._repair()
+
+    def _repair(self) -> None:
+        """Cut a partially written last line (a crash mid-write) so appends start on a clean line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        with open(self.path, "r+b") as f:
+            f.truncate(cut)
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.path.exists():
+            return
+        with open(self.path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:  # only a torn last line can be bad; _repair cuts it
+                    continue
+
+    def load(self) -> dict[Any, dict]:
+        return {row[self.key]: row for row in self}
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row, sort_keys=True, default=str) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        for p in (self.path, self.meta_path):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""What every stage entry point shares: config -> device, backbone, dataset, banners, manifests.
+
+This is the only place (with the other ``stages/*.py``) that knows about Hydra/OmegaConf; the library in
+``pipeline/`` only sees plain arguments.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("lost")
+
+RANDOM_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  {what} USES RANDOMLY INITIALISED WEIGHTS ({reason}).
+!!  Boxes, clusters and every number below are a smoke test of the code, NOT a
+!!  result. For real results provide the DINO weights (see README, "Weights").
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """The resolved config as plain dict (what manifests and artifact ``info`` record)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"device={name} requested but no CUDA device is visible. Use device=cpu.")
+    return name
+
+
+def stage_path(cfg: DictConfig, stage: str) -> Path:
+    """Stable artifact dir of ``stage`` for this dataset/backbone (DESIGN.md)."""
+    return Path(cfg.paths.output_root) / str(cfg.dataset.name) / str(cfg.backbone.name) / stage
+
+
+def warn_random(what: str, reason: str) -> None:
+    msg = RANDOM_BANNER.format(what=what.upper(), reason=reason)
+    log.warning(msg)
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_backbone_from_cfg(cfg: DictConfig, device: str):
+    """Build the configured backbone. ``backbone.init=auto`` (used by ``make demo``) tries the real
+    weights and falls back, loudly, to random weights when they cannot be found or downloaded."""
+    from pipeline.backbones import WeightsError, build_backbone
+
+    b = cfg.backbone
+    kwargs = dict(weights=b.get("weights"), weights_dir=cfg.paths.weights_dir, seed=int(b.get("seed", 0)),
+                  device=device)
+    init = str(b.get("init", "pretrained"))
+    if init == "auto":
+        try:
+            return build_backbone(b.arch, init="pretrained", **kwargs)
+        except WeightsError as e:
+            warn_random(f"backbone {b.arch}", f"backbone.init=auto and no weights: {e}")
+            return build_backbone(b.arch, init="random", **kwargs)
+    backbone = build_backbone(b.arch, init=init, **kwargs)
+    if init == "random":
+        warn_random(f"backbone {b.arch}", "backbone.init=random")
+    return backbone
+
+
+def build_dataset_from_cfg(cfg: DictConfig):
+    from pipeline.data import build_dataset
+
+    d = cfg.dataset
+    return build_dataset(
+        d.kind, str(d.root), image_set=d.get("image_set") or "trainval", ann_file=d.get("ann_file"),
+        image_dir=d.get("image_dir"), list_file=d.get("list_file"), name=d.name,
+        max_images=d.get("max_images"),
+    )
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.time()
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+
+def run_guarded(fn, cfg: DictConfig) -> Any:
+    """Turn the library's clear errors into a one-line message and exit code 2 (no deep traceback)."""
+    from pipeline.artifacts import ArtifactError
+    from pipeline.journal import JournalMismatch
+
+    expected: tuple[type[BaseException], ...] = (ArtifactError, FileNotFoundError, JournalMismatch)
+    try:
+        from pipeline.backbones import WeightsError
+
+        expected += (WeightsError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from pipeline.data import DatasetError
+
+        expected += (DatasetError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return fn(cfg)
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
