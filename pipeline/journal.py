@@ -73,6 +73,10 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
 
-    def remove(self) -> None:
-        for p in (self.path, self.meta_path):
-            p.unlink(missing_ok=True)
+
+
+def discard_journal(path: str | os.PathLike) -> None:
+    """Delete a journal and its meta (``force`` reruns)."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + ".meta.json")):
+        p.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, write_json
-from pipeline.journal import Journal
+from pipeline.journal import Journal, discard_journal
 from pipeline.mining import (collect_shards, image_root, mine_images, predictions_from_rows, rows_to_coco,
                              shard_journal_path)
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, resolve_device,
@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict | None:
     meta = _journal_meta(_info(cfg, backbone.describe(), image_root(dataset.records)), len(dataset), n_shards)
     journal_path = shard_journal_path(stage_dir / "results", shard, n_shards)
     if cfg.mine.force:
-        Journal(journal_path, meta).remove()
+        discard_journal(journal_path)
         for name in ("pseudo_boxes.json", "metrics.json", "manifest.json"):
             (stage_dir / name).unlink(missing_ok=True)
         shutil.rmtree(stage_dir / "viz", ignore_errors=True)
