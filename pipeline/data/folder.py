@@ -1,0 +1,51 @@
+"""Unlabelled image folders, and the demo set (scikit-image's bundled photos + boxes drawn for them)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.data.errors import DatasetError
+from pipeline.data.records import Dataset, ImageRecord
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DEMO_IMAGES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png"]
+DEMO_GT = Path(__file__).with_name("demo_gt.json")
+
+
+def load_folder(root: str | os.PathLike, name: str | None = None, max_images: int | None = None) -> Dataset:
+    """Every image file under ``root`` (recursive, sorted by relative path); no ground truth."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}. Set dataset.root=<folder of images>.")
+    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise DatasetError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {root}. Set dataset.root=...")
+    if max_images is not None:
+        files = files[:max_images]
+    records = [ImageRecord(image_id=p.relative_to(root).as_posix(), coco_id=i, path=str(p), has_gt=False)
+               for i, p in enumerate(files, start=1)]
+    return Dataset(name=name or "folder", records=records, class_names=[], root=str(root))
+
+
+def load_demo(name: str | None = None, max_images: int | None = None) -> Dataset:
+    """The six natural photos installed with scikit-image, one hand-drawn box each (``demo_gt.json``)."""
+    import skimage
+
+    data_dir = Path(skimage.data_dir)
+    try:
+        gt = json.loads(DEMO_GT.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"demo ground truth {DEMO_GT} unreadable ({e}): reinstall the package") from None
+    records = []
+    for i, fname in enumerate(DEMO_IMAGES[:max_images], start=1):
+        path = data_dir / fname
+        if not path.is_file():
+            raise DatasetError(f"demo image missing: {path}. Reinstall scikit-image (pip install scikit-image).")
+        g = gt[fname]
+        records.append(ImageRecord(image_id=Path(fname).stem, coco_id=i, path=str(path), width=g["width"],
+                                   height=g["height"], boxes=[o["box"] for o in g["objects"]],
+                                   classes=[o["class"] for o in g["objects"]]))
+    classes = sorted({c for r in records for c in r.classes})
+    return Dataset(name=name or "demo", records=records, class_names=classes, root=str(data_dir))
