@@ -63,3 +63,6 @@ benchmark: $(STAMP)
 
 clean-outputs:
 	rm -rf outputs/*/ outputs/hydra
+
+status: $(STAMP)
+	$(PY) -m stages.status $(ARGS)

@@ -1,0 +1,23 @@
+"""`make status`: which stages of a dataset/backbone are done, stale (inputs changed) or missing.
+
+    python -m stages.status dataset=voc07 backbone=dino_vits16
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.status import format_status, pipeline_status
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="status")
+def main(cfg: DictConfig) -> None:
+    root = Path(cfg.paths.output_root) / str(cfg.dataset.name) / str(cfg.backbone.name)
+    print(f"{cfg.dataset.name} / {cfg.backbone.name}  ({root})")
+    print(format_status(pipeline_status(root)))
+
+
+if __name__ == "__main__":
+    main()
