@@ -201,12 +201,14 @@ def test_run_miner_lost_uses_first_image_and_config_file():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/miner/lost.yaml"))
-    assert cfg == {"name": "lost", "k_patches": 100}
+    assert cfg == {"name": "lost", "stage": "mine", "k_patches": 100}
     F = torch.ones(2, 12, 1)
     F[0, [6, 7, 11]] = -1
     fo = SimpleNamespace(feats=F, dims=(3, 4), cls_attn=None)
     res = run_miner(cfg["name"], fo, (40, 60), patch_size=16, **cfg)
     assert isinstance(res, LostResult) and res.box.tolist() == [32.0, 16.0, 60.0, 40.0]
+    assert len(res.potentials) == 12
+    assert len(run_miner("lost", fo, (40, 60), patch_size=16, k_patches=5).potentials) == 5
 
 
 def test_run_miner_errors():

@@ -16,12 +16,13 @@ def run_miner(name: str, feature_output, image_size, /, **params) -> LostResult 
 
     ``feature_output`` has ``.feats`` (B, N, D), ``.dims`` (h, w) and ``.cls_attn`` (B, heads, N)
     or None. ``params`` must hold ``patch_size`` and may hold the miner's options (``k_patches``
-    for lost; ``head``, ``mass`` for dinoseg) and a ``name`` key equal to ``name`` (so a whole
-    miner config can be splatted in).
+    for lost; ``head``, ``mass`` for dinoseg); a ``name`` key equal to ``name`` and a ``stage`` key
+    (the config's output directory) are ignored, so a whole miner config can be splatted in.
     """
     if name not in MINERS:
         raise ValueError(f"unknown miner {name!r}; known miners: {sorted(MINERS)} (set miner=<name>)")
     params = dict(params)
+    params.pop("stage", None)
     other = params.pop("name", name)
     if other != name:
         raise ValueError(f"run_miner: params name {other!r} disagrees with miner {name!r}")
