@@ -1,0 +1,12 @@
+"""DINO backbones (ViT-S/B with patch 16/8 on timm, ResNet-50 on torchvision): weights, features."""
+from pipeline.backbones.backbone import FEATURES, Backbone, FeatureOutput, build_backbone
+from pipeline.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
+from pipeline.backbones.specs import ARCHS, ArchSpec, get_spec
+from pipeline.backbones.vit import dino_interpolate_pos_embed
+from pipeline.backbones.weights import WeightsError, resolve_weights
+
+__all__ = [
+    "ARCHS", "ArchSpec", "Backbone", "FEATURES", "FeatureOutput", "IMAGENET_MEAN", "IMAGENET_STD",
+    "WeightsError", "build_backbone", "dino_interpolate_pos_embed", "get_spec", "preprocess_image",
+    "resolve_weights",
+]

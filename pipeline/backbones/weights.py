@@ -1,0 +1,128 @@
+"""Finding and loading DINO weights: explicit file, weights dir, torch.hub cache, official URL.
+
+Accepted checkpoint forms (normalised, then loaded with ``strict=True``):
+the official DINO state dict; DINO's full training checkpoint (``{"teacher", "student", ...}``:
+the teacher is used, ``module.``/``backbone.`` prefixes stripped, ``head.*`` projection keys
+dropped); a timm ViT state dict (classifier ``head.*`` dropped); torchvision ResNet-50 keys
+(``fc.*`` dropped). Anything else raises :class:`WeightsError` naming keys and file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import hub, nn
+
+from pipeline.backbones.specs import ArchSpec
+
+_WRAPPERS = ("teacher", "state_dict", "model")
+_PREFIXES = ("module.", "backbone.")
+_SHOW = 5
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, fetched or loaded; the message names the file and the fix."""
+
+
+def _overrides(spec: ArchSpec) -> str:
+    return (f"Fix: pass backbone.weights=/path/to/{spec.weights_file}, or paths.weights_dir=<dir holding "
+            f"{spec.weights_file}>, or backbone.init=random for a smoke run (no real results).")
+
+
+def default_cache_dir() -> Path:
+    """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights(spec: ArchSpec, weights: str | os.PathLike | None = None,
+                    weights_dir: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the weights file: ``weights`` > ``weights_dir/<file>`` > cache > download into cache."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file for {spec.arch} not found: {path}. Set backbone.weights to an "
+                               f"existing .pth file (official: {spec.url}), or backbone.init=random for a smoke run.")
+        return path
+    candidates = []
+    if weights_dir is not None:
+        candidates.append(Path(weights_dir).expanduser() / spec.weights_file)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / spec.weights_file
+    candidates.append(target)
+    for path in candidates:
+        if path.is_file():
+            return path
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        hub.download_url_to_file(spec.url, str(target), progress=True)  # temp file + rename: atomic
+    except Exception as e:  # offline, HTTP error, read-only cache...
+        looked = " or ".join(str(p) for p in candidates)
+        raise WeightsError(
+            f"no weights for {spec.arch}: expected file {looked} is absent and downloading {spec.url} "
+            f"into {target} failed ({type(e).__name__}: {e}). {_overrides(spec)}") from None
+    if not target.is_file():
+        raise WeightsError(f"download of {spec.url} did not produce {target}. {_overrides(spec)}")
+    return target
+
+
+def read_checkpoint(path: str | os.PathLike) -> Mapping:
+    """``torch.load`` safely (weights only; argparse.Namespace allowed for DINO's ``args``)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"cannot read weights file {path}: {msg}. Expected a PyTorch state dict (.pth) "
+                           "such as the official DINO release; re-download it or point backbone.weights "
+                           "to a valid file.") from None
+
+
+def normalise_state_dict(obj: Mapping, family: str, path: str | os.PathLike = "<memory>") -> dict:
+    """Unwrap / strip prefixes / drop heads, giving the model's own key names."""
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state dict.")
+    for key in _WRAPPERS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    out: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightsError(f"weights file {path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
+                               "expected a state dict or a DINO checkpoint with a 'teacher' entry.")
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        drop = ("head.",) if family == "vit" else ("fc.",)
+        if k.startswith(drop):
+            continue
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, spec: ArchSpec, path: str | os.PathLike) -> None:
+    """Load ``path`` into ``model`` exactly (strict); mismatches raise :class:`WeightsError`."""
+    sd = normalise_state_dict(read_checkpoint(path), spec.family, path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        if items:
+            more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+            problems.append(f"{name}: {', '.join(items[:_SHOW])}{more}")
+    if problems:
+        raise WeightsError(f"weights file {path} does not fit {spec.arch} ({spec.model_name}): "
+                           + "; ".join(problems) + f". Use the official file {spec.url} or a matching "
+                           f"checkpoint for this arch (backbone=<arch> must match the weights).")
+    model.load_state_dict(sd, strict=True)
