@@ -54,6 +54,8 @@ def test_mass_threshold():
         assert torch.nonzero(attention_mass_mask(attn[0], mass)).ravel().tolist() == kept, mass
         res = dinoseg(attn, (1, 4), 16, (16, 64), head=0, mass=mass)
         assert res.box.tolist() == [16.0 * kept[0], 0.0, 16.0 * (kept[-1] + 1), 16.0], mass
+    # strict ">": [1, 1, 2] normalised cumsum 0.25, 0.5, 1.0; with mass 0.5 the 0.5 (exact) is dropped
+    assert torch.nonzero(attention_mass_mask(torch.tensor([1.0, 1.0, 2.0]), 0.5)).ravel().tolist() == [2]
     # order matters, not position: the same values shuffled keep the same values
     shuffled = torch.tensor([3.0, 1.0, 4.0, 2.0])
     assert torch.nonzero(attention_mass_mask(shuffled, 0.6)).ravel().tolist() == [0, 2]
