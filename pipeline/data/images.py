@@ -32,7 +32,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
             a = a / (2.0 ** 32 - 1) * 255.0
         g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
         return np.repeat(g[:, :, None], 3, axis=2)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # writable copy
 
 
 def load_image(path: str | os.PathLike, min_size: int = 1) -> np.ndarray:
