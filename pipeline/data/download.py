@@ -94,7 +94,8 @@ def safe_extract(archive: str | os.PathLike, root: str | os.PathLike) -> None:
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             t.extractall(root, members=members, **kwargs)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as e:
-        raise DownloadError(f"cannot unpack {archive} ({e}): delete it and rerun to download it again.") from None
+        reason = " ".join(str(e).split())
+        raise DownloadError(f"cannot unpack {archive} ({reason}): delete it and rerun to download it again.") from None
 
 
 def download_dataset(kind: str, root: str, progress: bool = True) -> None:
