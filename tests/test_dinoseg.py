@@ -162,3 +162,11 @@ def test_run_miner_dinoseg_and_config_file():
         run_miner("dinoseg", SimpleNamespace(feats=fo.feats, dims=(3, 4), cls_attn=None), (40, 60), patch_size=16)
     with pytest.raises(ValueError, match="unknown parameter"):
         run_miner("dinoseg", fo, (40, 60), patch_size=16, k_patches=100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    attn = torch.from_numpy(np.random.default_rng(1).integers(0, 6, size=(6, 150)).astype(np.float32))
+    a = dinoseg(attn, (10, 15), 16, (155, 233))
+    b = dinoseg(attn.cuda(), (10, 15), 16, (155, 233))
+    assert a.box.tolist() == b.box.tolist() and (a.mask == b.mask).all()
