@@ -156,7 +156,10 @@ def build_backbone(arch: str, *, init: str = "pretrained", weights: str | os.Pat
         raise ValueError(f"unknown backbone init {init!r}; choose one of {INITS} (backbone.init=...)")
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG state
         torch.manual_seed(int(seed))
-        model = build_dino_vit(spec) if spec.family == "vit" else build_dino_resnet50()
+        if spec.family == "vit":  # timm's init is slow and pointless when weights replace it
+            model = build_dino_vit(spec, init_weights=init == "random")
+        else:
+            model = build_dino_resnet50()
     path = sha = None
     if init == "pretrained":
         path = resolve_weights(spec, weights, weights_dir, cache_dir)

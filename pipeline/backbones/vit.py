@@ -50,13 +50,14 @@ class DinoVisionTransformer(VisionTransformer):
         return self.pos_drop(x)
 
 
-def build_dino_vit(spec: ArchSpec) -> DinoVisionTransformer:
-    """An uninitialised-by-file DINO ViT (timm init; seed the RNG before calling)."""
+def build_dino_vit(spec: ArchSpec, init_weights: bool = True) -> DinoVisionTransformer:
+    """A DINO ViT with timm's random init (seed the RNG first), or, with ``init_weights=False``,
+    PyTorch's cheap default init: only for weights about to be loaded strictly (every tensor replaced)."""
     model = DinoVisionTransformer(
         img_size=224, patch_size=spec.patch_size, embed_dim=spec.embed_dim, depth=spec.depth,
         num_heads=spec.num_heads, mlp_ratio=4.0, qkv_bias=True, num_classes=0, class_token=True,
         global_pool="token", pre_norm=False, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        dynamic_img_size=True,
+        dynamic_img_size=True, weight_init="" if init_weights else "skip",
     )
     for blk in model.blocks:
         blk.attn.fused_attn = False

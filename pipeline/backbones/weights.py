@@ -4,13 +4,12 @@ Accepted checkpoint forms (normalised, then loaded with ``strict=True``):
 the official DINO state dict; DINO's full training checkpoint (``{"teacher", "student", ...}``:
 the teacher is used, ``module.``/``backbone.`` prefixes stripped, ``head.*`` projection keys
 dropped); a timm ViT state dict (classifier ``head.*`` dropped); torchvision ResNet-50 keys
-(``fc.*`` dropped). Anything else raises :class:`WeightsError` naming keys and file.
+(``fc.*`` and DINO ``head.*`` dropped). Anything else raises :class:`WeightsError` naming keys and file.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+    except Exception as e:  # any unpickling failure of a foreign/corrupt file (IndexError, EOFError, ...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(f"cannot read weights file {path}: {msg}. Expected a PyTorch state dict (.pth) "
                            "such as the official DINO release; re-download it or point backbone.weights "
@@ -101,8 +100,7 @@ def normalise_state_dict(obj: Mapping, family: str, path: str | os.PathLike = "<
             for p in _PREFIXES:
                 if k.startswith(p):
                     k, changed = k[len(p):], True
-        drop = ("head.",) if family == "vit" else ("fc.",)
-        if k.startswith(drop):
+        if k.startswith(("head.", "fc.") if family == "resnet" else ("head.",)):
             continue
         out[k] = v
     return out
@@ -112,7 +110,8 @@ def load_weights(model: nn.Module, spec: ArchSpec, path: str | os.PathLike) -> N
     """Load ``path`` into ``model`` exactly (strict); mismatches raise :class:`WeightsError`."""
     sd = normalise_state_dict(read_checkpoint(path), spec.family, path)
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    # BatchNorm fills in a missing num_batches_tracked itself (checkpoints from old PyTorch lack it)
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]
