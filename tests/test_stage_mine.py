@@ -34,42 +34,49 @@ def _check_coco(path, n_images):
     return data
 
 
+def _folder(tmp_path, n=6):
+    """Small random images (ViT-S/16 costs ~3 s per 512x512 image on 2 CPU cores: tests stay small)."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64 + 16 * (i % 3), 80 + 8 * i, 3), dtype=np.uint8)).save(
+            src / f"im{i}.png")
+    return src
+
+
 def test_demo_writes_boxes_pictures_and_corloc(tmp_path):
-    cfg, metrics = _mine(tmp_path, "dataset=demo")
+    cfg, metrics = _mine(tmp_path, "dataset=demo", "dataset.max_images=2")
     stage = tmp_path / "demo" / "dino_vits16" / "mine"
-    data = _check_coco(stage / "pseudo_boxes.json", 6)
-    assert len(data["annotations"]) == 6
+    data = _check_coco(stage / "pseudo_boxes.json", 2)
+    assert len(data["annotations"]) == 2
     assert all(a["bbox"][0] % 16 == 0 and a["bbox"][1] % 16 == 0 for a in data["annotations"])
     assert data["info"]["random_init"] is True and data["info"]["method"] == "lost"
     m = json.loads((stage / "metrics.json").read_text())
-    assert m == metrics and m["random_init"] is True and m["images"] == 6 and m["failures"] == 0
-    assert 0.0 <= m["corloc"] <= 100.0 and m["corloc_total"] == 6
-    assert len(list((stage / "viz").glob("*.png"))) == 6
+    assert m == metrics and m["random_init"] is True and m["images"] == 2 and m["failures"] == 0
+    assert 0.0 <= m["corloc"] <= 100.0 and m["corloc_total"] == 2
+    assert len(list((stage / "viz").glob("*.png"))) == 2
     assert Image.open(stage / "contact_sheet.png").size[0] > 0
     man = json.loads((stage / "manifest.json").read_text())
     assert man["stage"] == "mine" and man["config"]["backbone"]["init"] == "random"
 
 
 def test_voc07_mini_and_dinoseg(tmp_path, voc07_mini):
-    _, metrics = _mine(tmp_path, "dataset=voc07", f"paths.data_root={voc07_mini}", "dataset.max_images=5")
-    assert metrics["images"] == 5 and metrics["corloc_total"] == 5
-    _, m2 = _mine(tmp_path, "dataset=voc07", f"paths.data_root={voc07_mini}", "dataset.max_images=5",
+    _, metrics = _mine(tmp_path, "dataset=voc07", f"paths.data_root={voc07_mini}", "dataset.max_images=2")
+    assert metrics["images"] == 2 and metrics["corloc_total"] == 2
+    _, m2 = _mine(tmp_path, "dataset=voc07", f"paths.data_root={voc07_mini}", "dataset.max_images=2",
                   "miner=dinoseg")
-    assert m2["method"] == "dinoseg" and m2["images"] == 5
+    assert m2["method"] == "dinoseg" and m2["images"] == 2
     assert (tmp_path / "voc07" / "dino_vits16" / "mine_dinoseg" / "pseudo_boxes.json").is_file()
 
 
 def test_coco_tiny(tmp_path, coco_tiny):
-    _, metrics = _mine(tmp_path, "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=4")
-    assert metrics["images"] == 4 and metrics["corloc"] is not None
+    _, metrics = _mine(tmp_path, "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=2")
+    assert metrics["images"] == 2 and metrics["corloc"] is not None
 
 
 def test_folder_with_corrupt_image_is_skipped_and_reported(tmp_path):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (64 + 16 * i, 80, 3), dtype=np.uint8)).save(src / f"im{i}.png")
+    src = _folder(tmp_path, 3)
     good = (src / "im0.png").read_bytes()
     (src / "broken.png").write_bytes(good[: len(good) // 3])
     _, metrics = _mine(tmp_path, "dataset=folder", f"dataset.root={src}")
@@ -79,21 +86,23 @@ def test_folder_with_corrupt_image_is_skipped_and_reported(tmp_path):
 
 
 def test_resume_skips_done_images_and_config_change_is_refused(tmp_path):
-    cfg, first = _mine(tmp_path, "dataset=demo", "viz.num_images=0")
+    src = _folder(tmp_path)
+    folder = ["dataset=folder", f"dataset.root={src}", "viz.num_images=0"]
+    cfg, first = _mine(tmp_path, *folder)
     assert first["computed_this_run"] == 6
-    stage = tmp_path / "demo" / "dino_vits16" / "mine"
+    stage = tmp_path / "folder" / "dino_vits16" / "mine"
     reference = (stage / "pseudo_boxes.json").read_bytes()
     journal = stage / "results" / "shard-0000-of-0001.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:2]) + lines[2][:10])  # a crash mid-write of the third line
     (stage / "pseudo_boxes.json").unlink()
-    _, again = _mine(tmp_path, "dataset=demo", "viz.num_images=0")
+    _, again = _mine(tmp_path, *folder)
     assert again["resumed"] == 2 and again["computed_this_run"] == 4
     assert (stage / "pseudo_boxes.json").read_bytes() == reference
     from pipeline.journal import JournalMismatch
     with pytest.raises(JournalMismatch, match="FORCE=1"):
-        _mine(tmp_path, "dataset=demo", "miner.k_patches=50")
-    _, forced = _mine(tmp_path, "dataset=demo", "miner.k_patches=50", "mine.force=true")
+        _mine(tmp_path, *folder, "miner.k_patches=50")
+    _, forced = _mine(tmp_path, *folder, "miner.k_patches=50", "mine.force=true")
     assert forced["computed_this_run"] == 6
 
 
