@@ -56,7 +56,7 @@ data-voc12: $(STAMP)
 	$(PY) -m pipeline.data.download voc12 --root $(DATA_ROOT)
 
 data-coco: $(STAMP)
-	$(PY) -m pipeline.data.download coco20k --root $(DATA_ROOT)
+	$(PY) -m pipeline.data.download coco20k --root $(DATA_ROOT)/coco
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/mine_throughput.py $(ARGS)

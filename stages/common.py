@@ -5,15 +5,12 @@ This is the only place (with the other ``stages/*.py``) that knows about Hydra/O
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger("lost")
 
 RANDOM_BANNER = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -45,9 +42,7 @@ def stage_path(cfg: DictConfig, stage: str) -> Path:
 
 
 def warn_random(what: str, reason: str) -> None:
-    msg = RANDOM_BANNER.format(what=what.upper(), reason=reason)
-    log.warning(msg)
-    print(msg, file=sys.stderr, flush=True)
+    print(RANDOM_BANNER.format(what=what.upper(), reason=reason), file=sys.stderr, flush=True)
 
 
 def build_backbone_from_cfg(cfg: DictConfig, device: str):
