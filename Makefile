@@ -20,7 +20,7 @@ FORCE_ARGS := force=true
 endif
 
 .PHONY: install demo test test-all mine merge train-cag evaluate-cag cluster train-cad evaluate-cad \
-        status data-voc07 data-voc12 data-coco benchmark clean-outputs help
+        status data-voc07 data-voc12 data-coco data-coco20k benchmark clean-outputs help
 
 help:
 	@sed -n '1,6p' Makefile
@@ -55,7 +55,7 @@ data-voc07: $(STAMP)
 data-voc12: $(STAMP)
 	$(PY) -m pipeline.data.download voc12 --root $(DATA_ROOT)
 
-data-coco: $(STAMP)
+data-coco data-coco20k: $(STAMP)
 	$(PY) -m pipeline.data.download coco20k --root $(DATA_ROOT)/coco
 
 benchmark: $(STAMP)
