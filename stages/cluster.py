@@ -1,0 +1,141 @@
+"""Stage cluster: pseudo-box crops -> DINO CLS features (cached) -> K-means -> pseudo_labels.json.
+
+    python -m stages.cluster dataset=voc07 cluster.k=20
+    python -m stages.cluster -m cluster.k=10,20,40        # features computed once, one output per K
+    python -m stages.cluster cluster.source=cag cluster.score_threshold=0.7
+
+Reads ``${inputs.lost}`` (the mine stage's pseudo_boxes.json) or ``${inputs.cag}`` (the class-agnostic
+detector's COCO results). Writes ``${features_dir}/`` (features.npy + features_index.json, shared by
+every K) and ``${stage_dir}/``: pseudo_labels.json, metrics.json, manifest.json, galleries/cluster_<k>.png.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline.artifacts import read_coco_boxes, read_json, write_json
+from stages.common import Timer, build_backbone_from_cfg, build_dataset_from_cfg, resolve_device, run_guarded, to_container
+
+
+def _input_path(cfg: DictConfig) -> Path:
+    c = cfg.cluster
+    if c.source not in ("lost", "cag"):
+        raise SystemExit(f"cluster.source={c.source!r}: choose lost (mine stage boxes) or cag (detector boxes)")
+    return Path(c.boxes) if c.get("boxes") else Path(cfg.inputs[c.source])
+
+
+def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
+    """The COCO dataset of boxes to cluster, its image root and the input file."""
+    from pipeline.clustering.sources import detections_to_boxes
+    from pipeline.mining import image_root
+
+    path = _input_path(cfg)
+    if cfg.cluster.source == "lost":
+        coco = read_coco_boxes(path, "pseudo-box file", hint="Run `make mine` (python -m stages.mine) with the same "
+                               "dataset/backbone first, or set cluster.boxes=<file>.")
+        root = coco.get("info", {}).get("image_root")
+        if not root or not Path(root).is_dir():  # data moved since mining: file names are relative to the dataset
+            root = image_root(build_dataset_from_cfg(cfg).records)
+        return coco, Path(root), path
+    results = read_json(path, "detections file", hint="Run `make train-cag` first, or set cluster.boxes=<file> "
+                        "(COCO results json).")
+    if not isinstance(results, list):
+        raise SystemExit(f"{path}: expected a COCO results list [{{image_id, bbox, score, ...}}, ...]")
+    records = build_dataset_from_cfg(cfg).records
+    root = Path(image_root(records))
+    try:
+        coco = detections_to_boxes(results, records, root, float(cfg.cluster.score_threshold),
+                                   info={"source_file": str(path)})
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}") from None
+    return coco, root, path
+
+
+def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: Path, n: int, thumb: int) -> None:
+    from pipeline.clustering.features import load_box_crops
+    from pipeline.viz.gallery import write_cluster_galleries
+
+    firsts: dict[int, list[int]] = {}
+    for (ann_id, _), lab in zip(index, labels):
+        if len(firsts.setdefault(int(lab), [])) < n:
+            firsts[int(lab)].append(int(ann_id))
+    crops = load_box_crops(coco, root, [a for ids in firsts.values() for a in ids])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    sizes = {k: int((labels == k).sum()) for k in firsts}
+    write_cluster_galleries({k: [crops[a] for a in ids if a in crops] for k, ids in firsts.items()}, out_dir,
+                            sizes=sizes, n=n, thumb=thumb)
+
+
+def run(cfg: DictConfig) -> dict:
+    from pipeline.artifacts import write_manifest
+    from pipeline.clustering import extract_box_features, kmeans, make_pseudo_labels, prepare_features
+
+    timer = Timer()
+    c = cfg.cluster
+    stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.features_dir)
+    coco, root, in_path = load_boxes(cfg)
+    if not coco["annotations"]:
+        raise SystemExit(f"{in_path} holds no boxes to cluster.")
+    if len(coco["annotations"]) < int(c.k):
+        raise SystemExit(f"cluster.k={c.k} but {in_path} holds only {len(coco['annotations'])} boxes: lower cluster.k.")
+    backbone = build_backbone_from_cfg(cfg, resolve_device(cfg.device))
+    desc = backbone.describe()
+    if cfg.force:
+        shutil.rmtree(feat_dir, ignore_errors=True)
+    t0 = time.time()
+    feats = extract_box_features(coco, root, backbone, batch_size=int(c.batch_size), cache_dir=feat_dir,
+                                 progress=bool(cfg.progress), short_side=int(c.short_side),
+                                 max_size=None if c.max_size is None else int(c.max_size))
+    t_feat = time.time() - t0
+    if len(feats.index) < int(c.k):
+        raise SystemExit(f"cluster.k={c.k} but only {len(feats.index)} boxes could be cropped "
+                         f"({len(feats.skipped)} skipped): lower cluster.k.")
+    x = prepare_features(feats.features, whiten_features=bool(c.whiten), normalize=bool(c.l2_normalize))
+    t0 = time.time()
+    result = kmeans(x, int(c.k), seed=int(c.seed), n_init=int(c.n_init), iters=int(c.iters))
+    t_km = time.time() - t0
+
+    random_init = desc.get("init") == "random"
+    clustering = {"source": str(c.source), "input": str(in_path), "k": int(c.k), "seed": int(c.seed),
+                  "n_init": int(c.n_init), "iters": int(c.iters), "whiten": bool(c.whiten),
+                  "l2_normalize": bool(c.l2_normalize), "short_side": int(c.short_side), "backbone": desc,
+                  "random_init": random_init}
+    labels_coco = make_pseudo_labels(coco, feats.index, result, extra_info={"image_root": str(root),
+                                                                            "clustering": clustering})
+    write_json(stage_dir / "pseudo_labels.json", labels_coco)
+    galleries(coco, root, feats.index, result.labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
+              int(cfg.viz.thumb))
+    metrics = {"k": int(c.k), "boxes": len(feats.index), "skipped": len(feats.skipped),
+               "skipped_boxes": feats.skipped[:100], "inertia": result.inertia,
+               "restart_inertias": result.restart_inertias, "best_seed": result.seed,
+               "sizes": [int(s) for s in result.sizes], "empty_clusters": int((result.sizes == 0).sum()),
+               "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
+               "kmeans_seconds": round(t_km, 3), "random_init": random_init, "source": str(c.source)}
+    write_json(stage_dir / "metrics.json", metrics)
+    write_manifest(stage_dir, stage="cluster", config=to_container(cfg), inputs={"boxes": in_path},
+                   weights_sha256=desc.get("weights_sha256"), start_time=timer.start, end_time=time.time(),
+                   extra={"features_dir": str(feat_dir), "features_key": feats.key})
+    _print_summary(stage_dir, feat_dir, metrics)
+    return metrics
+
+
+def _print_summary(stage_dir: Path, feat_dir: Path, m: dict) -> None:
+    how = "loaded from cache" if m["features_from_cache"] else f"computed in {m['feature_seconds']:.1f} s"
+    tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if m["random_init"] else ""
+    print(f"cluster: {m['boxes']} boxes ({m['skipped']} skipped), features {how} ({feat_dir})\n"
+          f"K-means k={m['k']}: inertia {m['inertia']:.4f}, sizes {m['sizes']}{tag}\n"
+          f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/)", flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="cluster")
+def main(cfg: DictConfig) -> None:
+    run_guarded(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
