@@ -19,7 +19,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_coco_boxes, read_json, write_json
-from stages.common import Timer, build_backbone_from_cfg, build_dataset_from_cfg, resolve_device, run_guarded, to_container
+from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, resolve_device, run_guarded,
+                           to_container)
 
 
 def _input_path(cfg: DictConfig) -> Path:
@@ -56,7 +57,8 @@ def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
     return coco, root, path
 
 
-def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: Path, n: int, thumb: int) -> None:
+def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: Path, n: int, thumb: int,
+              note: str = "") -> None:
     from pipeline.clustering.features import load_box_crops
     from pipeline.viz.gallery import write_cluster_galleries
 
@@ -68,7 +70,7 @@ def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: 
     shutil.rmtree(out_dir, ignore_errors=True)
     sizes = {k: int((labels == k).sum()) for k in firsts}
     write_cluster_galleries({k: [crops[a] for a in ids if a in crops] for k, ids in firsts.items()}, out_dir,
-                            sizes=sizes, n=n, thumb=thumb)
+                            sizes=sizes, n=n, thumb=thumb, note=note)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -109,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
                                                                             "clustering": clustering})
     write_json(stage_dir / "pseudo_labels.json", labels_coco)
     galleries(coco, root, feats.index, result.labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
-              int(cfg.viz.thumb))
+              int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if random_init else "")
     metrics = {"k": int(c.k), "boxes": len(feats.index), "skipped": len(feats.skipped),
                "skipped_boxes": feats.skipped[:100], "inertia": result.inertia,
                "restart_inertias": result.restart_inertias, "best_seed": result.seed,

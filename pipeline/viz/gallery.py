@@ -44,11 +44,13 @@ def cluster_gallery(crops: Sequence[np.ndarray], out_path: str | Path, title: st
 
 
 def write_cluster_galleries(crops_by_cluster: Mapping[int, Sequence[np.ndarray]], out_dir: str | Path,
-                            sizes: Mapping[int, int] | None = None, n: int = 16, thumb: int = 96) -> list[Path]:
-    """One ``cluster_<k>.png`` per cluster in ``out_dir``; titles give the cluster size when known."""
+                            sizes: Mapping[int, int] | None = None, n: int = 16, thumb: int = 96,
+                            note: str = "") -> list[Path]:
+    """One ``cluster_<k>.png`` per cluster in ``out_dir``; titles give the cluster size when known,
+    then ``note`` (e.g. a random-weights warning)."""
     paths = []
     for k in sorted(crops_by_cluster):
         size = f" ({sizes[k]} boxes)" if sizes is not None and k in sizes else ""
         paths.append(cluster_gallery(crops_by_cluster[k], Path(out_dir) / f"cluster_{k}.png",
-                                     f"cluster {k}{size}", n=n, thumb=thumb))
+                                     f"cluster {k}{size}{'  ' + note if note else ''}", n=n, thumb=thumb))
     return paths
