@@ -49,6 +49,12 @@ mine: $(STAMP)
 merge: $(STAMP)
 	$(PY) -m stages.mine mine.merge_only=true $(ARGS)
 
+cluster: $(STAMP)
+	$(PY) -m stages.cluster $(FORCE_ARGS) $(ARGS)
+
+evaluate-cad: $(STAMP)
+	$(PY) -m stages.evaluate_cad $(ARGS)
+
 data-voc07: $(STAMP)
 	$(PY) -m pipeline.data.download voc07 --root $(DATA_ROOT)
 

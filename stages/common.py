@@ -109,3 +109,33 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     except expected as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def config_fingerprint(cfg: DictConfig, *keys: str) -> str:
+    """sha256 of the resolved sub-configs ``keys``: what decides a stage's results."""
+    import hashlib
+    import json
+
+    def plain(v):
+        return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+    part = {k: plain(OmegaConf.select(cfg, k)) for k in keys}
+    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def up_to_date(stage_dir: Path, fingerprint: str, outputs: tuple[str, ...]) -> bool:
+    """True when ``stage_dir`` holds ``outputs`` and a manifest of the same fingerprint whose inputs are
+    unchanged (like make: a rerun does nothing; FORCE=1 redoes it)."""
+    import json
+
+    from pipeline.status import stage_state
+
+    man = stage_dir / "manifest.json"
+    if not man.is_file() or not all((stage_dir / o).is_file() for o in outputs):
+        return False
+    try:
+        if json.loads(man.read_text()).get("fingerprint") != fingerprint:
+            return False
+    except json.JSONDecodeError:
+        return False
+    return stage_state(stage_dir).state == "done"

@@ -9,6 +9,7 @@ metrics.json, manifest.json, viz/ (pictures) and contact_sheet.png.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -20,8 +21,8 @@ from pipeline.artifacts import read_json, write_json
 from pipeline.journal import Journal, discard_journal
 from pipeline.mining import (collect_shards, image_root, mine_images, predictions_from_rows, rows_to_coco,
                              shard_journal_path)
-from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, resolve_device,
-                           run_guarded, to_container)
+from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, config_fingerprint,
+                           resolve_device, run_guarded, to_container, up_to_date)
 
 
 def _miner_params(cfg: DictConfig) -> dict:
@@ -45,8 +46,15 @@ def _info(cfg: DictConfig, backbone_desc: dict, root: str) -> dict:
     }
 
 
+def _fingerprint(cfg: DictConfig) -> str:
+    return config_fingerprint(cfg, "dataset", "backbone", "miner", "mine.num_shards")
+
+
 def _journal_meta(info: dict, n_images: int, num_shards: int) -> dict:
-    return {"info": info, "n_images": n_images, "num_shards": num_shards}
+    """Canonical (sorted-key) form, the same whether built here or read back from a journal's meta file,
+    so a merge from the journals writes byte-identical artifacts."""
+    meta = {"info": info, "n_images": n_images, "num_shards": num_shards}
+    return json.loads(json.dumps(meta, sort_keys=True, default=str))
 
 
 def _hit_fn(corloc):
@@ -83,7 +91,8 @@ def finalize(cfg: DictConfig, stage_dir: Path, dataset, rows: list[dict], meta: 
         contact_sheet(pics, stage_dir / "contact_sheet.png")
     write_manifest(stage_dir, stage="mine", config=to_container(cfg), start_time=timer.start,
                    end_time=time.time(), weights_sha256=info.get("weights_sha256"),
-                   extra={"num_shards": meta["num_shards"], "images": len(rows)})
+                   extra={"num_shards": meta["num_shards"], "images": len(rows),
+                          "fingerprint": _fingerprint(cfg)})
     return metrics
 
 
@@ -128,6 +137,10 @@ def run(cfg: DictConfig) -> dict | None:
     device = resolve_device(cfg.device)
     stage_dir = Path(cfg.stage_dir)
     shard, n_shards = int(cfg.mine.shard), int(cfg.mine.num_shards)
+    fingerprint = _fingerprint(cfg)
+    if not cfg.mine.force and up_to_date(stage_dir, fingerprint, ("pseudo_boxes.json", "metrics.json")):
+        print(f"mine: {stage_dir} is up to date (same config, complete); FORCE=1 (mine.force=true) redoes it.")
+        return read_json(stage_dir / "metrics.json")
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
