@@ -115,7 +115,7 @@ class Backbone:
         k = qkv[:, :, 1].transpose(1, 2)
         scale = q.shape[-1] ** -0.5
         attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, heads, N+1, N+1)
-        return attn[:, :, 0, 1:].softmax(-1).float().contiguous()
+        return attn[:, :, 0, 1:].float().contiguous()
 
     def _resnet_features(self, img: Tensor, dims, which: str, with_cls_attn: bool) -> FeatureOutput:
         if with_cls_attn:
