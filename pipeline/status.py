@@ -45,14 +45,18 @@ def stage_state(stage_dir: str | os.PathLike, stage: str | None = None) -> Stage
 
 
 def pipeline_status(root: str | os.PathLike, stages=STAGES) -> list[StageState]:
-    """States of ``root/<stage>`` for every stage (``root`` = output_root/dataset/backbone)."""
+    """States of every stage run under ``root`` (= output_root/dataset/backbone): ``root/<stage>`` and its
+    variants (``mine_dinoseg``), and nested runs (``cluster/lost/k20``) reported one per manifest."""
     root = Path(root)
     out = []
     for s in stages:
-        candidates = [root / s] + sorted(p for p in root.glob(f"{s}_*") if p.is_dir())
-        for d in candidates:
-            if d.exists() or d == root / s:
-                out.append(stage_state(d, d.name))
+        dirs = [root / s] + sorted(p for p in root.glob(f"{s}_*") if p.is_dir())
+        for d in dirs:
+            nested = sorted(m.parent for m in d.rglob("manifest.json") if m.parent != d) if d.is_dir() else []
+            if (d / "manifest.json").is_file() or not nested:
+                if d.exists() or d == root / s:
+                    out.append(stage_state(d, d.name))
+            out.extend(stage_state(n, str(n.relative_to(root))) for n in nested)
     return out
 
 

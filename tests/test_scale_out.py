@@ -103,11 +103,16 @@ def test_status_reports_done_stale_missing(tmp_path):
                    start_time=time.time(), end_time=time.time())
     states = {s.stage: s.state for s in pipeline_status(root)}
     assert states == {"mine": "done", "cag": "done", "cluster": "missing", "cad": "missing"}
+    write_manifest(root / "cluster" / "lost" / "k2", stage="cluster", config={},
+                   inputs={"pseudo_boxes": boxes}, start_time=time.time(), end_time=time.time())
+    states = {s.stage: s.state for s in pipeline_status(root)}
+    assert states == {"mine": "done", "cag": "done", "cluster/lost/k2": "done", "cad": "missing"}
     data = json.loads(boxes.read_text())
     data["annotations"] = data["annotations"][:1]
     boxes.write_text(json.dumps(data))
     states = pipeline_status(root)
-    assert {s.stage: s.state for s in states}["cag"] == "stale"
+    assert {s.stage: s.state for s in states} == {"mine": "done", "cag": "stale", "cluster/lost/k2": "stale",
+                                                  "cad": "missing"}
     assert "STALE" in format_status(states) and "pseudo_boxes" in format_status(states)
     proc = run_cli("stages.status", [f"paths.output_root={tmp_path}", "dataset=folder"])
     assert "cag" in proc.stdout and "STALE" in proc.stdout
