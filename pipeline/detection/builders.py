@@ -1,0 +1,181 @@
+"""Faster R-CNN presets (torchvision), one factory: :func:`build_detector`.
+
+Presets (``num_classes`` = foreground classes, 1 for class-agnostic; the predictor has K+1 outputs):
+
+- ``r50_c4``: LOST's recipe (detectron2 ``Base-RCNN-C4`` + ``Res5ROIHeadsExtraNorm``): ResNet-50
+  stem..res4 backbone, anchors (32..512) x (0.5, 1, 2) on the stride-16 map, RoIAlign 14x14
+  (aligned), res5 + extra BN + average pool as box head, RPN top-k 12000/2000 (train) and
+  6000/1000 (test), 512 RoIs per image. Stem and res2 frozen (``FREEZE_AT=2``) when initialised
+  from weights; ``norm="bn"`` trains the other batch norms (SyncBN under DDP, see the trainer).
+  Known differences from detectron2: torchvision's box-regression losses (smooth L1, beta 1/9 for
+  the RoI head) and its proposal matcher; the reference's numbers are not expected to the decimal.
+- ``r50_fpn``: torchvision's ``fasterrcnn_resnet50_fpn`` structure; its ResNet body loads the same
+  torchvision-format checkpoint (frozen BN, stem+res2 frozen when pretrained).
+- ``mobilenet_fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` structure, random init
+  only (no DINO MobileNet exists); what the CPU tests use.
+
+``init``: ``"random"`` or ``"dino"``/``"imagenet"`` (a torchvision-format ResNet-50 file given as
+``weights``; nothing is ever downloaded). The returned model carries ``model.detector_info``
+(preset, init, weights path and sha256, classes, sizes) for stamping into outputs.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torchvision.models import resnet50
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, fasterrcnn_mobilenet_v3_large_fpn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from pipeline.artifacts import sha256_file
+from pipeline.detection.c4 import Res5BoxHead, ResNetC4Backbone, RoIAlignC4, freeze, freeze_batchnorm
+from pipeline.detection.weights import INIT_URLS, WeightsError, load_resnet50_weights
+
+PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn")
+INITS = ("random", "dino", "imagenet")
+# detectron2's default multi-scale training sizes (shorter side 480..800 step 32).
+TRAIN_SIZES_480_800 = tuple(range(480, 801, 32))
+_RPN_TOPK = {  # (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test)
+    "r50_c4": (12000, 2000, 6000, 1000),
+    "r50_fpn": (2000, 2000, 1000, 1000),
+    "mobilenet_fpn": (2000, 2000, 1000, 1000),
+}
+# checkpoint prefix -> model prefix, per preset
+C4_KEY_MAP = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer1.": "backbone.layer1.",
+              "layer2.": "backbone.layer2.", "layer3.": "backbone.layer3.", "layer4.": "roi_heads.box_head.res5."}
+FPN_KEY_MAP = {k: "backbone.body." + k for k in ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")}
+
+
+class _Transform(GeneralizedRCNNTransform):
+    """torchvision's transform with a test size independent of the training sizes."""
+
+    def __init__(self, *args, test_min_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.test_min_size = int(test_min_size)
+
+    def resize(self, image, target=None):
+        if self.training:
+            return super().resize(image, target)
+        saved, self.min_size = self.min_size, (self.test_min_size,)
+        try:
+            return super().resize(image, target)
+        finally:
+            self.min_size = saved
+
+
+def _check(preset: str, num_classes: int, init: str, weights) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown detector preset {preset!r}; choose one of {', '.join(PRESETS)} (detector=...)")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1 foreground classes (1 = class-agnostic), got {num_classes}")
+    if init not in INITS:
+        raise ValueError(f"unknown detector init {init!r}; choose one of {', '.join(INITS)} (detector.init=...)")
+    if init != "random" and preset == "mobilenet_fpn":
+        raise ValueError(f"detector=mobilenet_fpn supports only detector.init=random (no {init} MobileNet "
+                         "checkpoint is supported); use detector=r50_c4 or r50_fpn for pretrained weights")
+    if init != "random" and not weights:
+        raise WeightsError(f"detector.init={init} needs a torchvision-format ResNet-50 file: download "
+                           f"{INIT_URLS[init]} and pass detector.weights=/path/to/{INIT_URLS[init].rsplit('/', 1)[-1]}"
+                           " (nothing is downloaded implicitly), or use detector.init=random")
+
+
+def _build_c4(num_classes: int, norm: str, rpn_topk, **kw) -> FasterRCNN:
+    r = resnet50(weights=None)
+    backbone = ResNetC4Backbone(r)
+    extra_norm = nn.BatchNorm2d(2048) if norm == "bn" else None
+    model = FasterRCNN(
+        backbone, num_classes=None,
+        rpn_anchor_generator=AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=RoIAlignC4(14, 1.0 / 16, 0),
+        box_head=Res5BoxHead(r.layer4, extra_norm),
+        box_predictor=FastRCNNPredictor(2048, num_classes + 1),
+        rpn_pre_nms_top_n_train=rpn_topk[0], rpn_post_nms_top_n_train=rpn_topk[1],
+        rpn_pre_nms_top_n_test=rpn_topk[2], rpn_post_nms_top_n_test=rpn_topk[3], **kw)
+    return model
+
+
+def _finish_c4(model: FasterRCNN, pretrained: bool, norm: str) -> None:
+    if pretrained:  # FREEZE_AT=2: stem and res2
+        for name in ("conv1", "bn1", "layer1"):
+            setattr(model.backbone, name, freeze(getattr(model.backbone, name)))
+    if norm == "frozen_bn":
+        freeze_batchnorm(model.backbone)
+        freeze_batchnorm(model.roi_heads.box_head)
+
+
+def build_detector(
+    preset: str,
+    num_classes: int = 1,
+    *,
+    init: str = "random",
+    weights: str | None = None,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    test_min_size: int | None = None,
+    batch_size_per_image: int = 512,
+    rpn_batch_size_per_image: int = 256,
+    rpn_topk: Sequence[int] | None = None,
+    nms: float = 0.4,
+    score_thresh: float = 0.01,
+    detections_per_img: int = 100,
+    norm: str = "bn",
+    seed: int = 0,
+) -> FasterRCNN:
+    """Build a torchvision ``FasterRCNN`` for ``num_classes`` foreground classes.
+
+    ``min_size``: training shorter side(s); a tuple means multi-scale training (a random choice per
+    batch, made by torchvision's transform). ``test_min_size`` defaults to the largest training size.
+    ``rpn_topk``: (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test), default per preset.
+    ``norm`` (r50_c4 only): ``"bn"`` (recipe) or ``"frozen_bn"`` (all batch norms frozen, no extra
+    norm: for tiny batches). Random initialisation is a pure function of ``seed``; the global RNG is
+    left untouched.
+    """
+    _check(preset, num_classes, init, weights)
+    if norm not in ("bn", "frozen_bn"):
+        raise ValueError(f"detector norm must be 'bn' or 'frozen_bn', got {norm!r}")
+    sizes = tuple(int(s) for s in (min_size if isinstance(min_size, Sequence) else (min_size,)))
+    test_size = int(test_min_size) if test_min_size else max(sizes)
+    topk = tuple(rpn_topk) if rpn_topk is not None else _RPN_TOPK[preset]
+    pretrained = init != "random"
+    kw = dict(min_size=sizes, max_size=max_size, box_batch_size_per_image=batch_size_per_image,
+              rpn_batch_size_per_image=rpn_batch_size_per_image, box_nms_thresh=nms,
+              box_score_thresh=score_thresh, box_detections_per_img=detections_per_img)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if preset == "r50_c4":
+            model = _build_c4(num_classes, norm, topk, **kw)
+            key_map = C4_KEY_MAP
+        elif preset == "r50_fpn":
+            backbone = resnet_fpn_backbone(
+                backbone_name="resnet50", weights=None, trainable_layers=3 if pretrained else 5,
+                norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+            model = FasterRCNN(backbone, num_classes=num_classes + 1, rpn_pre_nms_top_n_train=topk[0],
+                               rpn_post_nms_top_n_train=topk[1], rpn_pre_nms_top_n_test=topk[2],
+                               rpn_post_nms_top_n_test=topk[3], **kw)
+            key_map = FPN_KEY_MAP
+        else:
+            model = fasterrcnn_mobilenet_v3_large_fpn(
+                weights=None, weights_backbone=None, num_classes=num_classes + 1, rpn_pre_nms_top_n_train=topk[0],
+                rpn_post_nms_top_n_train=topk[1], rpn_pre_nms_top_n_test=topk[2], rpn_post_nms_top_n_test=topk[3],
+                **kw)
+            key_map = None
+    loaded = load_resnet50_weights(model, weights, key_map) if pretrained else None
+    if preset == "r50_c4":
+        _finish_c4(model, pretrained, norm)
+    t = model.transform
+    model.transform = _Transform(sizes, max_size, t.image_mean, t.image_std, test_min_size=test_size)
+    model.detector_info = {
+        "preset": preset, "num_classes": int(num_classes), "init": init,
+        "weights": str(weights) if pretrained else None,
+        "weights_sha256": sha256_file(weights) if pretrained else None,
+        "weights_loaded": loaded["loaded"] if loaded else 0,
+        "train_min_size": list(sizes), "test_min_size": test_size, "max_size": int(max_size),
+        "norm": norm if preset == "r50_c4" else None, "seed": int(seed),
+    }
+    return model
+
