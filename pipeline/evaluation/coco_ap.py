@@ -1,0 +1,129 @@
+"""Detection AP with pycocotools against the ground truth of :class:`ImageRecord` lists.
+
+``mode="coco"``: every GT box counts, crowd boxes are COCO crowd regions (a detection on them is
+neither TP nor FP). ``mode="voc"``: VOC07-test style for class-agnostic detection, as LOST's
+reference evaluation (``prepare_voc_data_in_coco_style.py``) does it: difficult objects are
+*removed* from the GT (``voc_difficult="remove"``, the default; a detection on a difficult object
+is then a false positive). ``voc_difficult="ignore"`` instead marks them ``iscrowd=1`` so that
+pycocotools ignores detections on them (crowd matching: intersection over detection area), which
+is closer to the VOC devkit's own rule. The metric is COCO's: 101-point interpolated precision,
+at most 100 detections per image, IoU 0.50 (``AP50``) and 0.50:0.95 (``AP``); numbers in percent.
+
+``class_agnostic=True`` maps every GT box and every detection to one category ``object``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.boxes import xyxy_to_xywh
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def build_coco_gt(records: Sequence, *, mode: str = "voc", class_agnostic: bool = True,
+                  class_names: Sequence[str] | None = None, voc_difficult: str = "remove") -> dict:
+    """A COCO GT dataset dict from records (image ids = ``coco_id``; category ids 1..C in
+    ``class_names`` order, or a single ``object`` category when class-agnostic)."""
+    if mode not in ("voc", "coco"):
+        raise ValueError(f"AP mode must be 'voc' or 'coco', got {mode!r}")
+    if voc_difficult not in ("remove", "ignore"):
+        raise ValueError(f"voc_difficult must be 'remove' or 'ignore', got {voc_difficult!r}")
+    no_gt = [r.image_id for r in records if not r.has_gt]
+    if no_gt:
+        raise ValueError(f"AP needs ground truth but {len(no_gt)} image(s) have none (e.g. {no_gt[:3]}): "
+                         "evaluate on a labelled dataset (VOC or COCO), not an image folder")
+    if class_agnostic:
+        cats, cat_of = [{"id": 1, "name": "object"}], (lambda c: 1)
+    else:
+        names = list(class_names) if class_names else sorted({c for r in records for c in r.classes})
+        index = {n: i + 1 for i, n in enumerate(names)}
+        cats = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+
+        def cat_of(c):
+            if c not in index:
+                raise ValueError(f"GT class {c!r} is not in class_names {names}")
+            return index[c]
+    images, anns = [], []
+    for r in records:
+        images.append({"id": int(r.coco_id), "file_name": str(r.path), "width": int(r.width or 0),
+                       "height": int(r.height or 0)})
+        for box, cls, diff, crowd in zip(xyxy_to_xywh(r.boxes), r.classes, r.difficult, r.crowd):
+            iscrowd = bool(crowd)
+            if mode == "voc" and diff:
+                if voc_difficult == "remove":
+                    continue
+                iscrowd = True
+            x, y, w, h = (float(v) for v in box)
+            anns.append({"id": len(anns) + 1, "image_id": int(r.coco_id), "category_id": cat_of(cls),
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(iscrowd)})
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def evaluate_ap(records: Sequence, results: Sequence[dict], *, mode: str = "voc", class_agnostic: bool = True,
+                class_names: Sequence[str] | None = None, voc_difficult: str = "remove",
+                per_category: bool = False) -> dict:
+    """AP of COCO-format ``results`` (``image_id`` = record ``coco_id``) against ``records``' GT.
+
+    Returns ``{"AP50", "AP", "AP75", ..., "num_images", "num_gt", "num_detections", "summary"}``
+    (numbers in percent; ``summary`` is pycocotools' printed table) and, with ``per_category``,
+    ``"per_category": {name: {"AP50", "AP"}}``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = build_coco_gt(records, mode=mode, class_agnostic=class_agnostic, class_names=class_names,
+                       voc_difficult=voc_difficult)
+    img_ids = {im["id"] for im in gt["images"]}
+    res = [dict(d, category_id=1) if class_agnostic else dict(d) for d in results]
+    stray = sorted({int(d["image_id"]) for d in res} - img_ids)
+    if stray:
+        raise ValueError(f"{len(stray)} detection image id(s) are not in the evaluated dataset (e.g. {stray[:5]}): "
+                         "detections and ground truth must come from the same dataset")
+    out = {"mode": mode, "class_agnostic": class_agnostic, "num_images": len(img_ids),
+           "num_gt": sum(1 for a in gt["annotations"] if not a["iscrowd"]), "num_detections": len(res)}
+    if not res or not out["num_gt"]:
+        out.update({k: 0.0 for k in STAT_NAMES})
+        out["summary"] = "no detections" if not res else "no ground-truth boxes"
+        return out
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes([dict(d, bbox=[float(v) for v in d["bbox"]]) for d in res])
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        start = buf.tell()
+        ev.summarize()
+    out.update({k: float(max(v, 0.0) * 100.0) for k, v in zip(STAT_NAMES, ev.stats)})
+    out["summary"] = buf.getvalue()[start:].strip()
+    if per_category:
+        prec = ev.eval["precision"]  # (T iou, R recall, K cat, A area, M maxdets)
+        out["per_category"] = {}
+        for k, cat in enumerate(gt["categories"]):
+            p = prec[:, :, k, 0, -1]
+            ap = float(np.mean(p[p > -1])) * 100 if (p > -1).any() else float("nan")
+            p50 = prec[0, :, k, 0, -1]
+            ap50 = float(np.mean(p50[p50 > -1])) * 100 if (p50 > -1).any() else float("nan")
+            out["per_category"][cat["name"]] = {"AP50": ap50, "AP": ap}
+    return out
+
+
+def corloc_top1(detections: Sequence[dict], records: Sequence):
+    """LOST+CAD CorLoc: each image's top-scoring detection (none = a miss) scored by
+    :func:`pipeline.evaluation.corloc.corloc` (IoU >= 0.5 with any GT box)."""
+    from pipeline.detection.inference import top1_boxes
+    from pipeline.evaluation.corloc import corloc
+
+    top = top1_boxes(detections)
+    by_coco = {int(r.coco_id): r.image_id for r in records}
+    missing = [r.image_id for r in records if int(r.coco_id) not in top]
+    if missing:
+        raise ValueError(f"no detections entry for {len(missing)} image(s) (e.g. {missing[:3]}): run the detector "
+                         "on every image of the mined set")
+    return corloc({by_coco[i]: b for i, b in top.items() if i in by_coco}, records)
