@@ -1,0 +1,174 @@
+"""Training data for the detector: a COCO json of (pseudo-)boxes + an image root -> torch samples.
+
+:class:`DetectionDataset` reads ``pseudo_boxes.json`` / ``pseudo_labels.json`` (or any COCO dataset),
+checks everything once at construction and keeps only what can be trained on:
+
+- boxes (COCO ``bbox`` xywh) become xyxy, clipped to the image; degenerate ones (non-finite, width
+  or height < ``min_box_size``, or fully outside the image) are dropped and counted;
+- images missing on disk, unreadable, or whose size differs from the json are skipped with one
+  warning listing them; images left without any box are skipped (detectron2's
+  ``FILTER_EMPTY_ANNOTATIONS``); if nothing is left, a ``ValueError`` names the file;
+- category ids map to contiguous labels 1..K in ascending id order (``class_agnostic=True``: all 1).
+
+Samples are ``(image float CHW in 0..1, {"boxes": (n, 4) float32 xyxy, "labels": (n,) int64,
+"image_id": int})``. The index may be ``(i, flip)``: the sampler decides the horizontal flip, so
+augmentation is a pure function of the sampling seed (exact resume, worker-independent).
+:class:`InfiniteSampler` yields that stream.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.artifacts import read_coco_boxes
+from pipeline.boxes import clip_boxes, valid_boxes, xywh_to_xyxy
+from pipeline.data.images import load_image as _decode
+
+STAT_KEYS = ("images_used", "boxes_used", "images_missing", "images_size_mismatch", "images_without_boxes",
+             "boxes_degenerate", "boxes_clipped", "boxes_unknown_category", "boxes_on_unknown_images")
+MAKER_HINT = "It is written by the `mine` stage (make mine; pseudo_boxes.json) or the `cluster` stage (pseudo_labels.json)."
+
+
+def resolve_image_path(file_name: str, image_root: str | os.PathLike | None) -> Path:
+    """``file_name`` as is when absolute, else under ``image_root`` (or the working directory)."""
+    p = Path(file_name)
+    return p if p.is_absolute() or image_root is None else Path(image_root) / p
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """RGB image as a float CHW tensor in 0..1 (decoded by :func:`pipeline.data.images.load_image`)."""
+    return torch.from_numpy(_decode(path)).permute(2, 0, 1).float().div_(255.0)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Validated detector training set; see the module docstring. ``stats`` counts what was dropped."""
+
+    def __init__(self, coco: str | os.PathLike | dict, image_root: str | os.PathLike | None, *,
+                 class_agnostic: bool = False, min_box_size: float = 1.0, what: str = "pseudo-box file"):
+        self.source = str(coco) if not isinstance(coco, dict) else "<in-memory COCO dataset>"
+        data = coco if isinstance(coco, dict) else read_coco_boxes(coco, what, MAKER_HINT)
+        if not data.get("images") or not data.get("annotations"):
+            raise ValueError(f"{what} {self.source} is empty ({len(data.get('images', []))} images, "
+                             f"{len(data.get('annotations', []))} boxes): nothing to train on. {MAKER_HINT} "
+                             "Check that stage's output, or pass another file with train_cag.boxes=...")
+        cats = sorted(int(c["id"]) for c in data.get("categories") or [{"id": 1}])
+        self.category_ids = [1] if class_agnostic else cats
+        self.category_names = ["object"] if class_agnostic else [
+            next(str(c.get("name", c["id"])) for c in data["categories"] if int(c["id"]) == i) for i in cats]
+        label_of = {c: (1 if class_agnostic else k + 1) for k, c in enumerate(cats)}
+        self.stats: Counter = Counter(dict.fromkeys(STAT_KEYS, 0))
+        self.missing_images: list[str] = []
+        by_image: dict[int, list[dict]] = {}
+        for a in data["annotations"]:
+            by_image.setdefault(int(a["image_id"]), []).append(a)
+        self.entries: list[dict] = []
+        seen = set()
+        for img in data["images"]:
+            iid = int(img["id"])
+            if iid in seen:
+                raise ValueError(f"{what} {self.source}: image id {iid} appears twice in 'images'")
+            seen.add(iid)
+            entry = self._entry(img, by_image.get(iid, []), image_root, label_of, min_box_size)
+            if entry is not None:
+                self.entries.append(entry)
+        orphans = set(by_image) - seen
+        self.stats["boxes_on_unknown_images"] = sum(len(by_image[i]) for i in orphans)
+        self.stats["images_used"] = len(self.entries)
+        self.stats["boxes_used"] = sum(len(e["boxes"]) for e in self.entries)
+        if self.missing_images:
+            shown = ", ".join(self.missing_images[:5]) + (" ..." if len(self.missing_images) > 5 else "")
+            warnings.warn(f"{what} {self.source}: {len(self.missing_images)} image(s) missing or unreadable under "
+                          f"image root {image_root}, skipped: {shown}", stacklevel=2)
+        if not self.entries:
+            raise ValueError(f"{what} {self.source}: no trainable image left ({dict(self.stats)}); check the image "
+                             f"root ({image_root}) and the boxes. {MAKER_HINT}")
+
+    def _entry(self, img: dict, anns: list[dict], image_root, label_of, min_box_size) -> dict | None:
+        path = resolve_image_path(str(img.get("file_name", "")), image_root)
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except (OSError, ValueError):
+            self.stats["images_missing"] += 1
+            self.missing_images.append(str(path))
+            return None
+        w, h = int(img.get("width") or size[0]), int(img.get("height") or size[1])
+        if (w, h) != tuple(size):
+            self.stats["images_size_mismatch"] += 1
+            self.missing_images.append(f"{path} (json says {w}x{h}, file is {size[0]}x{size[1]})")
+            return None
+        known = [a for a in anns if int(a.get("category_id", 1)) in label_of]
+        self.stats["boxes_unknown_category"] += len(anns) - len(known)
+        xyxy = xywh_to_xyxy([a["bbox"] for a in known]) if known else np.zeros((0, 4))
+        ok = valid_boxes(xyxy, w, h, min_box_size)
+        self.stats["boxes_degenerate"] += int((~ok).sum())
+        clipped = clip_boxes(xyxy[ok], w, h)
+        keep = valid_boxes(clipped, w, h, min_box_size)  # clipping can shrink a sliver below min size
+        self.stats["boxes_degenerate"] += int((~keep).sum())
+        self.stats["boxes_clipped"] += int(((np.abs(clipped - xyxy[ok]) > 1e-9).any(axis=1) & keep).sum())
+        if not keep.any():
+            self.stats["images_without_boxes"] += 1
+            return None
+        labels = np.array([label_of[int(a.get("category_id", 1))] for a, k in zip(known, ok) if k])[keep]
+        return {"image_id": int(img["id"]), "path": str(path), "width": w, "height": h,
+                "boxes": clipped[keep].astype(np.float32), "labels": labels.astype(np.int64)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, key):
+        i, flip = key if isinstance(key, tuple) else (key, False)
+        e = self.entries[int(i)]
+        image = load_image(e["path"])
+        boxes = torch.from_numpy(e["boxes"].copy())
+        if flip:
+            image = image.flip(-1)
+            boxes = torch.stack([e["width"] - boxes[:, 2], boxes[:, 1], e["width"] - boxes[:, 0], boxes[:, 3]], 1)
+        return image, {"boxes": boxes, "labels": torch.from_numpy(e["labels"].copy()), "image_id": e["image_id"]}
+
+
+def collate(batch):
+    """Lists of images and targets, as torchvision's detection models take them."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+def epoch_order(n: int, seed: int, epoch: int, flip: bool) -> list[tuple[int, bool]]:
+    """The (index, flip) order of one epoch: a pure function of (seed, epoch)."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    perm = rng.permutation(n)
+    flips = rng.random(n) < 0.5
+    return [(int(i), bool(f) and flip) for i, f in zip(perm, flips)]
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless (index, flip) stream for iteration-based training.
+
+    The global stream concatenates :func:`epoch_order` for epochs 0, 1, ...; it starts at global
+    position ``start`` (``iteration * global batch`` when resuming) and rank ``r`` of ``world_size``
+    takes positions ``start + r``, ``start + r + world_size``, ... (a DistributedSampler-style shard).
+    """
+
+    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1, flip: bool = True):
+        if n <= 0:
+            raise ValueError("InfiniteSampler needs a non-empty dataset")
+        self.n, self.seed, self.start, self.rank, self.world, self.flip = n, seed, start, rank, world_size, flip
+
+    def __iter__(self):
+        pos = self.start + self.rank
+        epoch, order = -1, []
+        while True:
+            e = pos // self.n
+            if e != epoch:
+                epoch, order = e, epoch_order(self.n, self.seed, e, self.flip)
+            yield order[pos % self.n]
+            pos += self.world

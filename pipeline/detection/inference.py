@@ -1,0 +1,82 @@
+"""Running a trained detector on images and exporting its detections.
+
+Images are given as :class:`pipeline.data.records.ImageRecord` objects (``coco_id``, ``path``) or
+COCO image dicts (``id``, ``file_name`` under ``image_root``). Detections are per-image dicts
+``{"image_id": int, "boxes": (n, 4) float xyxy in original pixels, "scores": (n,), "labels": (n,)
+int (1..K)}``, scores descending as torchvision returns them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.boxes import xyxy_to_xywh
+from pipeline.detection.data import load_image, resolve_image_path
+
+
+def image_list(images: Iterable, image_root: str | os.PathLike | None = None) -> list[tuple[int, str]]:
+    """Normalise records / COCO image dicts to ``(coco_id, path)`` and check every file exists."""
+    out = []
+    for im in images:
+        if isinstance(im, dict):
+            out.append((int(im["id"]), str(resolve_image_path(str(im["file_name"]), image_root))))
+        else:
+            out.append((int(im.coco_id), str(resolve_image_path(str(im.path), image_root))))
+    missing = [p for _, p in out if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} image(s) to run the detector on are missing: {shown}. "
+                                "Check paths.data_root / the dataset's image root.")
+    return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: Iterable, *, image_root: str | os.PathLike | None = None,
+            device: str | torch.device = "cpu", batch_size: int = 2, progress: bool = False) -> list[dict]:
+    """Detections of ``model`` (put in eval mode) for each image, in input order."""
+    items = image_list(images, image_root)
+    device = torch.device(device)
+    model.to(device).eval()
+    out: list[dict] = []
+    chunks = range(0, len(items), max(int(batch_size), 1))
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="detect", dynamic_ncols=True)
+    for s in chunks:
+        batch = items[s:s + batch_size]
+        preds = model([load_image(p).to(device) for _, p in batch])
+        for (iid, _), p in zip(batch, preds):
+            out.append({"image_id": iid, "boxes": p["boxes"].float().cpu().numpy().astype(np.float64),
+                        "scores": p["scores"].float().cpu().numpy().astype(np.float64),
+                        "labels": p["labels"].cpu().numpy().astype(np.int64)})
+    return out
+
+
+def to_coco_results(detections: Sequence[dict], category_ids: Sequence[int] | None = None) -> list[dict]:
+    """COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
+
+    ``category_ids[label - 1]`` is the category id written for label ``label`` (the dataset's
+    ``category_ids``); None writes the label itself.
+    """
+    res = []
+    for d in detections:
+        for box, score, label in zip(xyxy_to_xywh(d["boxes"]), d["scores"], d["labels"]):
+            cat = int(label) if category_ids is None else int(category_ids[int(label) - 1])
+            res.append({"image_id": int(d["image_id"]), "category_id": cat,
+                        "bbox": [round(float(v), 3) for v in box], "score": round(float(score), 6)})
+    return res
+
+
+def top1_boxes(detections: Sequence[dict]) -> dict[int, np.ndarray | None]:
+    """The top-scoring box of each image (``None`` when the detector found nothing): LOST+CAD's box."""
+    out = {}
+    for d in detections:
+        if len(d["scores"]) == 0:
+            out[int(d["image_id"])] = None
+        else:
+            out[int(d["image_id"])] = np.asarray(d["boxes"][int(np.argmax(d["scores"]))], dtype=np.float64)
+    return out

@@ -1,0 +1,74 @@
+"""pipeline.detection.inference: running a detector over images, COCO results export, top-1 boxes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline.data.records import ImageRecord
+from pipeline.detection.inference import image_list, predict, to_coco_results, top1_boxes
+
+
+class _FixedDetector(nn.Module):
+    """Stands in for a torchvision detector: two boxes per image, scaled to the image it was given."""
+
+    def forward(self, images):
+        assert not self.training, "predict must put the model in eval mode"
+        out = []
+        for im in images:
+            h, w = im.shape[-2:]
+            out.append({"boxes": torch.tensor([[0.0, 0.0, w / 2, h / 2], [1.0, 2.0, w, h]]),
+                        "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 2])})
+        return out
+
+
+def _images(tmp_path, sizes=((40, 30), (20, 10), (16, 16))):
+    recs = []
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")
+        recs.append(ImageRecord(f"im{i}", 10 + i, str(tmp_path / f"{i}.png"), w, h))
+    return recs
+
+
+def test_predict_keeps_order_and_ids_and_exports_coco(tmp_path):
+    recs = _images(tmp_path)
+    model = _FixedDetector().train()
+    dets = predict(model, recs, batch_size=2)
+    assert [d["image_id"] for d in dets] == [10, 11, 12]
+    np.testing.assert_allclose(dets[0]["boxes"], [[0, 0, 20, 15], [1, 2, 40, 30]])
+    res = to_coco_results(dets[:1], category_ids=[5, 9])
+    assert res == [{"image_id": 10, "category_id": 5, "bbox": [0.0, 0.0, 20.0, 15.0], "score": 0.9},
+                   {"image_id": 10, "category_id": 9, "bbox": [1.0, 2.0, 39.0, 28.0], "score": 0.3}]
+    assert [r["category_id"] for r in to_coco_results(dets[:1])] == [1, 2]
+    top = top1_boxes(dets + [{"image_id": 99, "boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": []}])
+    np.testing.assert_allclose(top[11], [0, 0, 10, 5])
+    assert top[99] is None
+
+
+def test_coco_image_dicts_and_missing_files(tmp_path):
+    _images(tmp_path)
+    items = image_list([{"id": 3, "file_name": "1.png"}], tmp_path)
+    assert items == [(3, str(tmp_path / "1.png"))]
+    with pytest.raises(FileNotFoundError, match=r"1 image\(s\).*missing.*gone\.png"):
+        predict(_FixedDetector(), [{"id": 1, "file_name": "gone.png"}, {"id": 2, "file_name": "0.png"}],
+                image_root=tmp_path)
+
+
+def test_real_detector_returns_boxes_in_original_pixels(tmp_path):
+    from pipeline.detection.builders import build_detector
+
+    recs = _images(tmp_path, sizes=((120, 90),))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = build_detector("mobilenet_fpn", 1, min_size=64, max_size=96, rpn_topk=(60, 20, 60, 20),
+                           score_thresh=0.0, detections_per_img=20)
+        (d,) = predict(m, recs)
+    finally:
+        torch.set_num_threads(n)
+    assert d["boxes"].shape[1] == 4 and len(d["boxes"]) == len(d["scores"]) == len(d["labels"]) > 0
+    assert (d["boxes"][:, 2] <= 120 + 1e-3).all() and (d["boxes"][:, 3] <= 90 + 1e-3).all()
+    assert d["boxes"][:, 2].max() > 96  # rescaled from the 64 x 85 network input to the 120 x 90 image
+    assert (np.diff(d["scores"]) <= 0).all()
