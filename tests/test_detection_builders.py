@@ -93,16 +93,16 @@ def test_c4_structure_freezing_and_forward(dino_file):
 
 
 def test_random_init_and_test_size():
-    m = build_detector("mobilenet_fpn", 3, min_size=(64, 96), max_size=160, test_min_size=80, seed=5)
-    m2 = build_detector("mobilenet_fpn", 3, min_size=(64, 96), max_size=160, test_min_size=80, seed=5)
-    m3 = build_detector("mobilenet_fpn", 3, min_size=(64, 96), max_size=160, test_min_size=80, seed=6)
+    m = build_detector("mobilenet_fpn", 3, min_size=(64, 96), max_size=160, test_min_size=72, seed=5)
+    m2 = build_detector("mobilenet_fpn", 3, min_size=(64, 96), max_size=160, test_min_size=72, seed=5)
+    m3 = build_detector("mobilenet_fpn", 3, min_size=(64, 96), max_size=160, test_min_size=72, seed=6)
     w = "roi_heads.box_head.fc6.weight"
     assert torch.equal(m.state_dict()[w], m2.state_dict()[w]) and not torch.equal(m.state_dict()[w], m3.state_dict()[w])
     assert m.roi_heads.box_predictor.cls_score.out_features == 4
     assert m.detector_info["init"] == "random" and m.detector_info["weights"] is None
     m.eval()
     img, _ = m.transform([torch.rand(3, 100, 200)])
-    assert img.image_sizes[0] == (80, 160)  # test size 80 (max 160 caps the long side)
+    assert img.image_sizes[0] == (72, 144)  # the test size, not the largest training size (96 -> 80 x 160)
     m.train()
     sizes = {m.transform([torch.rand(3, 100, 100)])[0].image_sizes[0][0] for _ in range(30)}
     assert sizes == {64, 96}  # multi-scale training picks among the given sizes
