@@ -72,3 +72,17 @@ def test_real_detector_returns_boxes_in_original_pixels(tmp_path):
     assert (d["boxes"][:, 2] <= 120 + 1e-3).all() and (d["boxes"][:, 3] <= 90 + 1e-3).all()
     assert d["boxes"][:, 2].max() > 96  # rescaled from the 64 x 85 network input to the 120 x 90 image
     assert (np.diff(d["scores"]) <= 0).all()
+
+
+def test_detection_pictures_mark_the_top_box(tmp_path):
+    from pipeline.detection.pictures import write_detection_pictures
+
+    recs = _images(tmp_path, sizes=((40, 30), (20, 10)))
+    dets = [{"image_id": 10, "boxes": np.array([[2.0, 16, 12, 26], [20, 10, 40, 30]]), "scores": np.array([0.2, 0.9]),
+             "labels": np.array([1, 1])}]
+    paths = write_detection_pictures(dets, recs, tmp_path / "pics", num_images=5)
+    assert [p.name for p in paths] == ["im0.png"]  # im1 has no detections entry
+    a = np.asarray(Image.open(paths[0]))
+    assert a.shape == (30, 40, 3)
+    assert tuple(a[20, 20]) == (255, 40, 40)  # the top box (0.9) is drawn, in red
+    assert tuple(a[20, 2]) == (0, 0, 0)  # the 0.2 box is below min_score: not drawn
