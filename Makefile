@@ -49,6 +49,22 @@ mine: $(STAMP)
 merge: $(STAMP)
 	$(PY) -m stages.mine mine.merge_only=true $(ARGS)
 
+# NPROC>1: DistributedDataParallel through torchrun on this node (NPROC GPUs, or CPU processes with gloo)
+ifeq ($(shell test $(NPROC) -gt 1 && echo yes),yes)
+TRAIN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m
+else
+TRAIN := $(PY) -m
+endif
+
+train-cag: $(STAMP)
+	$(TRAIN) stages.train_cag $(FORCE_ARGS) $(ARGS)
+
+evaluate-cag: $(STAMP)
+	$(PY) -m stages.evaluate_cag $(ARGS)
+
+train-cad: $(STAMP)
+	$(TRAIN) stages.train_cad $(FORCE_ARGS) $(ARGS)
+
 cluster: $(STAMP)
 	$(PY) -m stages.cluster $(FORCE_ARGS) $(ARGS)
 

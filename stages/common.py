@@ -99,6 +99,12 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     except ImportError:  # pragma: no cover
         pass
     try:
+        from pipeline.detection.weights import WeightsError as DetectorWeightsError
+
+        expected += (DetectorWeightsError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
         from pipeline.data import DatasetError
 
         expected += (DatasetError,)
