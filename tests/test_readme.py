@@ -1,0 +1,49 @@
+"""The README's commands are exact: its SLURM examples compose with the real configs."""
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from stage_utils import REPO_ROOT, run_cli
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def _slurm_examples() -> list[str]:
+    block = README.split("<!-- slurm-examples")[1].split("<!-- /slurm-examples -->")[0]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith("python -m stages.")]
+
+
+def _single_job(args: list[str]) -> list[str]:
+    """Drop -m and keep the first value of each sweep (Hydra's --cfg composes one job, not a sweep)."""
+    out = []
+    for a in args:
+        if a == "-m":
+            continue
+        key, _, val = a.partition("=")
+        m = re.fullmatch(r"range\((\d+),\s*\d+\)", val)
+        if m:
+            val = m.group(1)
+        elif "," in val and not val.startswith("["):
+            val = val.split(",")[0]
+        out.append(f"{key}={val}" if _ else a)
+    return out
+
+
+def test_readme_starts_with_the_two_commands():
+    head = "\n".join(README.splitlines()[:8])
+    assert "make demo" in head and "make test" in head
+
+
+@pytest.mark.parametrize("command", _slurm_examples())
+def test_slurm_example_composes(command):
+    args = shlex.split(command)
+    assert args[:2] == ["python", "-m"] and "-m" in args[3:] and "hydra/launcher=slurm" in args
+    proc = run_cli(args[2], _single_job(args[3:]) + ["--cfg", "hydra", "--package", "hydra.launcher"])
+    assert "SlurmLauncher" in proc.stdout
+    for a in args[3:]:
+        if a.startswith("hydra.launcher."):
+            key, val = a[len("hydra.launcher."):].split("=")
+            assert f"{key}: {val}" in proc.stdout
