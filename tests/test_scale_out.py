@@ -125,3 +125,23 @@ def test_slurm_launcher_config_composes():
                                    "hydra.launcher"])
     assert "SlurmLauncher" in proc.stdout and "partition: gpu" in proc.stdout
     assert "timeout_min: 120" in proc.stdout and "array_parallelism:" in proc.stdout
+
+
+def test_local_launcher_runs_a_k_sweep_as_separate_processes(tmp_path):
+    from pipeline.artifacts import coco_boxes_dataset, write_json
+
+    src = _images(tmp_path / "imgs", 3, size=(64, 64))
+    images = [{"id": i + 1, "file_name": f"img{i:02d}.png", "width": 64, "height": 64} for i in range(3)]
+    anns = [{"image_id": i + 1, "bbox_xyxy": [4 * j, 0, 40 + 4 * j, 48], "score": 1.0} for i in range(3)
+            for j in range(2)]
+    out = tmp_path / "out"
+    write_json(out / "demo" / "dino_vits16" / "mine" / "pseudo_boxes.json",
+               coco_boxes_dataset(images, anns, info={"image_root": str(src)}))
+    sweep = tmp_path / "sweep"
+    run_cli("stages.cluster", ["-m", "hydra/launcher=local", "cluster.k=2,3", f"paths.output_root={out}",
+                               f"hydra.sweep.dir={sweep}", "backbone.init=random", "progress=false",
+                               "cluster.short_side=32", "cluster.n_init=2"], timeout=600)
+    base = out / "demo" / "dino_vits16" / "cluster" / "lost"
+    assert [json.loads((base / f"k{k}" / "metrics.json").read_text())["k"] for k in (2, 3)] == [2, 3]
+    jobs = {p.parent.name for p in (sweep / ".submitit").rglob("*_result.pkl")}
+    assert len(jobs) == 2  # two submitit jobs: two processes
