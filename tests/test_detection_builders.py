@@ -16,13 +16,7 @@ SMALL = dict(min_size=64, max_size=96, rpn_topk=(60, 20, 60, 10), batch_size_per
              rpn_batch_size_per_image=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes 2 threads up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _official_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

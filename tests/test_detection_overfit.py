@@ -19,13 +19,7 @@ from pipeline.detection.inference import predict, to_coco_results
 from pipeline.evaluation.coco_ap import evaluate_ap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes 2 threads up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(voc07_mini, n):

@@ -19,13 +19,7 @@ TINY = dict(min_size=(56, 64), max_size=96, rpn_topk=(60, 20, 60, 10), batch_siz
             rpn_batch_size_per_image=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP's spin-waiting makes 2 threads up to 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic_dataset(root, n=6, seed=0) -> DetectionDataset:
