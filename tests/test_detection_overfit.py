@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.artifacts import coco_boxes_dataset
 from pipeline.detection.builders import build_detector
