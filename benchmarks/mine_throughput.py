@@ -52,7 +52,8 @@ def main() -> None:
                           journal=journal, num_workers=args.workers, device=device, progress=True)
         wall = time.time() - t
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"arch={args.arch} device={device} images={run.computed} threads={torch.get_num_threads()}")
+    print(f"arch={args.arch} device={device} images={run.computed} threads={torch.get_num_threads()} "
+          f"weights={'given' if args.weights else 'random (throughput only; weights do not change it)'}")
     print(f"throughput: {run.computed / wall:.2f} images/s (wall {wall:.1f} s, incl. decoding)")
     print(f"peak host memory (max RSS): {rss_gib:.2f} GiB")
     if device.startswith("cuda"):
