@@ -4,8 +4,11 @@
     python -m stages.evaluate_cad detections=dets.json gt=instances_val.json   # any detector / GT
 
 ``detections``: COCO results json (``image_id`` = the GT's integer image id, ``category_id`` = cluster,
-``bbox`` xywh, ``score``). Writes ``${stage_dir}/``: metrics.json (AP50 matrix, matching, per-class APs,
-means, unmatched clusters/classes), hungarian.md (the table) and manifest.json.
+``bbox`` xywh, ``score``). When it is not given (null), ``${stage_dir}/detections.json`` is used, first
+produced by running the train-cad detector ``${model}`` on the evaluated images when it is missing or
+came from another model or image list (``inference.json`` records which). Writes ``${stage_dir}/``:
+metrics.json (AP50 matrix, matching, per-class APs, means, unmatched clusters/classes), hungarian.md
+(the table) and manifest.json.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, write_json, write_text
-from stages.common import Timer, build_dataset_from_cfg, run_guarded, to_container
+from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
 
 
 def load_gt(cfg: DictConfig):
@@ -34,32 +37,81 @@ def load_gt(cfg: DictConfig):
     return ds.records, ds.class_names, f"{cfg.dataset.name}:{cfg.dataset.get('image_set')}"
 
 
+def _images_key(records) -> str:
+    import hashlib
+    import json
+
+    items = sorted((int(r.coco_id), str(Path(r.path).resolve())) for r in records)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> tuple[Path, dict | None]:
+    """The detections to evaluate, and (when the train-cad model produced them) its inference record."""
+    from pipeline.artifacts import sha256_file
+
+    if cfg.get("detections"):
+        return Path(str(cfg.detections)), None
+    det_path, side_path, model_path = stage_dir / "detections.json", stage_dir / "inference.json", Path(str(cfg.model))
+    if not model_path.is_file():
+        if det_path.is_file():
+            return det_path, None
+        raise FileNotFoundError(f"no detections to evaluate: neither {det_path} nor the class-aware detector "
+                                f"{model_path} exists. Run `make train-cad` first, or pass detections=<COCO results json>.")
+    side = {"model": str(model_path), "model_sha256": sha256_file(model_path), "images_key": _images_key(records)}
+    prev = read_json(side_path, "inference record") if side_path.is_file() else {}
+    if det_path.is_file() and all(prev.get(k) == v for k, v in side.items() if k != "model"):
+        print(f"evaluate-cad: reusing {det_path} (made by the same {model_path} on the same images)", flush=True)
+        return det_path, prev
+    from stages.common import warn_random
+    from stages.train_common import ap_mode, detect_and_evaluate, load_trained_detector
+
+    model, ckpt_cfg, iteration = load_trained_detector(model_path, hint="Rerun `make train-cad`.")
+    if model.detector_info.get("init") == "random":
+        warn_random(f"detector {model.detector_info.get('preset')}", f"{model_path} was trained from detector.init=random")
+    cats = list(ckpt_cfg.get("category_ids") or range(1, model.detector_info.get("num_classes", 1) + 1))
+    print(f"evaluate-cad: running {model_path} (iteration {iteration}) on {len(records)} images of {gt_desc}", flush=True)
+    ev = detect_and_evaluate(model, records, stage_dir, category_ids=cats,
+                             mode="coco" if cfg.get("gt") else ap_mode(cfg.dataset.kind),
+                             device=resolve_device(str(cfg.device)), batch_size=int(cfg.inference.batch_size),
+                             progress=bool(cfg.progress))
+    side.update({"iteration": iteration, "category_ids": cats, "gt": gt_desc,
+                 "random_init": model.detector_info.get("init") == "random", "class_agnostic": ev})
+    write_json(side_path, side)
+    return det_path, side
+
+
 def run(cfg: DictConfig) -> dict:
     from pipeline.artifacts import write_manifest
     from pipeline.evaluation.hungarian import hungarian_evaluate, to_markdown
 
     timer = Timer()
-    det_path = Path(str(cfg.detections))
+    stage_dir = Path(cfg.stage_dir)
+    records, class_names, gt_desc = load_gt(cfg)
+    det_path, inferred = detections_file(cfg, records, gt_desc, stage_dir)
     dets = read_json(det_path, "detections file", hint="Run `make train-cad` first, or pass detections=<COCO "
                      "results json>.")
     if not isinstance(dets, list):
         raise SystemExit(f"{det_path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
-    records, class_names, gt_desc = load_gt(cfg)
     k = cfg.get("num_clusters")
+    cluster_ids = range(1, int(k) + 1) if k is not None else (inferred or {}).get("category_ids")
     try:
-        res = hungarian_evaluate(dets, records, class_names, cluster_ids=None if k is None else range(1, int(k) + 1),
+        res = hungarian_evaluate(dets, records, class_names, cluster_ids=cluster_ids,
                                  iou_thresholds=list(cfg.iou_thresholds))
     except ValueError as e:
         raise SystemExit(f"{det_path}: {e}") from None
     res.update({"detections": str(det_path), "gt": gt_desc})
-    stage_dir = Path(cfg.stage_dir)
+    if inferred is not None:
+        res["inference"] = inferred
     write_json(stage_dir / "metrics.json", res)
     table = to_markdown(res)
     write_text(stage_dir / "hungarian.md", f"# Hungarian evaluation\n\nDetections: `{det_path}`  \nGT: `{gt_desc}`"
                f"\n\n{table}")
-    write_manifest(stage_dir, stage="evaluate_cad", config=to_container(cfg), inputs={"detections": det_path},
+    inputs = {"detections": det_path, **({"model": Path(inferred["model"])} if inferred else {})}
+    write_manifest(stage_dir, stage="evaluate_cad", config=to_container(cfg), inputs=inputs,
                    start_time=timer.start, end_time=time.time())
-    print(table + f"\nmatching (class -> cluster): {res['matching']}\nartifacts: {stage_dir}/ (metrics.json, "
+    made = "detections.json, inference.json, " if inferred else ""
+    tag = "\n[RANDOM WEIGHTS: smoke test, not a result]" if (inferred or {}).get("random_init") else ""
+    print(table + f"\nmatching (class -> cluster): {res['matching']}{tag}\nartifacts: {stage_dir}/ ({made}metrics.json, "
           "hungarian.md, manifest.json)", flush=True)
     return res
 

@@ -1,0 +1,68 @@
+"""Stage evaluate-cag: the trained class-agnostic detector on any dataset: detections, CorLoc, AP.
+
+    python -m stages.evaluate_cag dataset=voc07 dataset.image_set=test   # the voc07 (trainval) model on test
+    python -m stages.evaluate_cag model=/path/model.pt dataset=coco20k
+
+Loads ``${model}`` (default ``${base_dir}/cag/model.pt``: ``base_dir`` uses dataset.name, so the model
+trained on trainval is found), runs it on every image of the configured dataset and writes
+``${base_dir}/cag/<eval_name>/`` (default ``eval_<image_set>``): detections.json (COCO results,
+``image_id`` = the dataset's integer ids), metrics.json (LOST+CAD top-1 CorLoc, class-agnostic AP50/AP:
+VOC style with difficult objects removed for VOC, COCO style otherwise), viz/, manifest.json.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.artifacts import write_json
+from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container, warn_random
+from stages.train_common import ap_mode, detect_and_evaluate, format_eval, load_trained_detector
+
+
+def eval_dir(cfg: DictConfig) -> Path:
+    name = cfg.get("eval_name") or f"eval_{cfg.dataset.get('image_set') or 'all'}"
+    return Path(str(cfg.base_dir)) / "cag" / str(name)
+
+
+def run(cfg: DictConfig) -> dict:
+    from pipeline.artifacts import write_manifest
+
+    timer = Timer()
+    model_path = Path(str(cfg.model))
+    model, ckpt_cfg, iteration = load_trained_detector(
+        model_path, hint="Run `make train-cag` with the same dataset/backbone first, or pass model=<model.pt>.")
+    info = model.detector_info
+    random_init = info.get("init") == "random"
+    if random_init:
+        warn_random(f"detector {info.get('preset')}", f"{model_path} was trained from detector.init=random")
+    dataset = build_dataset_from_cfg(cfg)
+    if len(dataset) == 0:
+        raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
+    out = eval_dir(cfg)
+    ev = detect_and_evaluate(model, dataset.records, out, category_ids=ckpt_cfg.get("category_ids") or [1],
+                             mode=ap_mode(cfg.dataset.kind), voc_difficult=str(cfg.eval.voc_difficult),
+                             device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
+                             progress=bool(cfg.progress), viz_images=int(cfg.viz.num_images),
+                             viz_min_score=float(cfg.viz.min_score))
+    metrics = {**ev, "model": str(model_path), "model_iteration": iteration, "model_stage": ckpt_cfg.get("stage"),
+               "dataset": str(cfg.dataset.name), "image_set": cfg.dataset.get("image_set"),
+               "detector": info.get("preset"), "random_init": random_init}
+    write_json(out / "metrics.json", metrics)
+    write_manifest(out, stage="evaluate_cag", config=to_container(cfg), inputs={"model": model_path},
+                   weights_sha256=info.get("weights_sha256"), start_time=timer.start, end_time=time.time())
+    print("\n".join([f"evaluate-cag: {model_path} (iteration {iteration}) on {cfg.dataset.name}:"
+                     f"{cfg.dataset.get('image_set')}", *format_eval(ev, random_init),
+                     f"artifacts: {out}/ (detections.json, metrics.json, viz/, manifest.json)"]), flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_cag")
+def main(cfg: DictConfig) -> None:
+    run_guarded(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
