@@ -210,6 +210,9 @@ def test_configs_encode_the_lost_recipe_and_the_schedules():
     assert (kw["num_classes"], kw["min_size"], kw["max_size"], kw["test_min_size"], kw["rpn_topk"], kw["nms"]) == \
         (3, [128, 160], 256, 160, [200, 50, 200, 50], 0.4)
     assert detector_build_kwargs(cfg, 1)["min_size"] == list(TRAIN_SIZES_480_800)
+    same_args = ["detector=mobilenet_fpn", "detector.init=random", "schedule=smoke", "miner=lost"]
+    for name in ("train_cad", "evaluate_cag", "evaluate_cad"):  # one ARGS for `make train-cag ... evaluate-cad`
+        assert compose_cfg(name, same_args).detector.preset == "mobilenet_fpn"
 
 
 def test_evaluate_cag_on_the_dataset_matches_the_training_detections(trained, voc07_mini):
