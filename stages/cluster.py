@@ -10,6 +10,7 @@ every K) and ``${stage_dir}/``: pseudo_labels.json, metrics.json, manifest.json,
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: 
 
 
 def run(cfg: DictConfig) -> dict:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are noise here
     from pipeline.artifacts import write_manifest
     from pipeline.clustering import extract_box_features, kmeans, make_pseudo_labels, prepare_features
 

@@ -123,7 +123,7 @@ def test_evaluate_cad_on_voc_recovers_a_permutation(tmp_path, voc07_mini):
     cfg = compose_cfg("evaluate_cad", [f"paths.output_root={tmp_path}", "dataset=voc07",
                                        f"paths.data_root={voc07_mini}", f"detections={det}", "num_clusters=22"])
     res = run(cfg)
-    stage = tmp_path / "voc07" / "dino_vits16" / "evaluate_cad"
+    stage = tmp_path / "voc07" / "dino_vits16" / "cad" / "eval_trainval"
     assert json.loads((stage / "metrics.json").read_text())["mean"] == res["mean"]
     assert res["mean"]["AP50"] == pytest.approx(100) and res["mean"]["AP50:95"] == pytest.approx(100)
     present = [c for c in ds.class_names if c not in res["classes_without_gt"]]

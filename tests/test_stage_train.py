@@ -246,7 +246,7 @@ def test_train_cad_then_evaluate_cad_infers_from_the_model(trained, capsys):
     man = json.loads((base / "cad" / "manifest.json").read_text())
     assert man["inputs"]["pseudo_labels"]["path"] == str(base / "cluster" / "lost" / "k2" / "pseudo_labels.json")
 
-    ev_dir = base / "evaluate_cad"
+    ev_dir = base / "cad" / "eval_trainval"
     res = evaluate_cad(compose_cfg("evaluate_cad", [*data, "progress=false"]))
     assert "running" in capsys.readouterr().out
     assert json.loads((ev_dir / "detections.json").read_text()) == cad  # the cad model on the same 3 images
@@ -291,10 +291,10 @@ def test_full_chain_from_the_command_line(tmp_path, voc07_mini):
     assert len(json.loads((base / "cluster" / "lost" / "k3" / "pseudo_labels.json").read_text())["categories"]) == 3
     cad = json.loads((base / "cad" / "metrics.json").read_text())
     assert cad["num_classes"] == 3 and cad["category_ids"] == [1, 2, 3]
-    for stage in ("mine", "cag", "cluster/lost/k3", "cad", "evaluate_cad"):
+    for stage in ("mine", "cag", "cluster/lost/k3", "cad", "cad/eval_trainval"):
         assert (base / stage / "manifest.json").is_file(), stage
-    res = json.loads((base / "evaluate_cad" / "metrics.json").read_text())
+    res = json.loads((base / "cad" / "eval_trainval" / "metrics.json").read_text())
     assert res["inference"]["category_ids"] == [1, 2, 3] and 0 <= res["mean"]["AP50"] <= 100
-    assert (base / "evaluate_cad" / "hungarian.md").is_file()
+    assert (base / "cad" / "eval_trainval" / "hungarian.md").is_file()
     proc = run_cli("stages.status", [f"paths.output_root={tmp_path}", "dataset=voc07"])
     assert "missing" not in proc.stdout and "STALE" not in proc.stdout, proc.stdout
