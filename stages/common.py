@@ -145,3 +145,17 @@ def up_to_date(stage_dir: Path, fingerprint: str, outputs: tuple[str, ...]) -> b
     except json.JSONDecodeError:
         return False
     return stage_state(stage_dir).state == "done"
+
+
+def export_submitit_distributed_env() -> None:
+    """Inside a multi-task submitit job (``hydra/launcher=slurm_ddp``, or ``local`` with
+    ``tasks_per_node>1``), export the RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT that torch's
+    ``env://`` initialisation (and torchrun) use, so one code path serves torchrun and SLURM."""
+    import os
+
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -17,8 +17,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import ArtifactError, read_coco_boxes, read_json, write_json
-from stages.common import (Timer, build_dataset_from_cfg, config_fingerprint, resolve_device, to_container,
-                           up_to_date, warn_random)
+from stages.common import (Timer, build_dataset_from_cfg, config_fingerprint, export_submitit_distributed_env,
+                           resolve_device, to_container, up_to_date, warn_random)
 
 _SIZE_KEYS = ("min_size", "max_size", "test_min_size", "batch_size_per_image", "rpn_batch_size_per_image", "rpn_topk")
 STAGE_FILES = ("model.pt", "metrics.jsonl", "metrics.json", "detections.json", "manifest.json")
@@ -192,6 +192,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     from pipeline.detection.trainer import init_distributed, train
 
     timer = Timer()
+    export_submitit_distributed_env()
     rank, world = init_distributed()
     sec, sch, stage_dir = cfg[section], cfg.schedule, Path(cfg.stage_dir)
     fp = config_fingerprint(cfg, *fingerprint_keys)

@@ -144,3 +144,31 @@ def test_local_launcher_runs_a_k_sweep_as_separate_processes(tmp_path):
     assert [json.loads((base / f"k{k}" / "metrics.json").read_text())["k"] for k in (2, 3)] == [2, 3]
     jobs = {p.parent.name for p in (sweep / ".submitit").rglob("*_result.pkl")}
     assert len(jobs) == 2  # two submitit jobs: two processes
+
+
+def _tiny_pseudo_boxes(tmp_path):
+    from pipeline.artifacts import coco_boxes_dataset, write_json
+
+    src = _images(tmp_path / "imgs", 4, size=(96, 128))
+    images = [{"id": i + 1, "file_name": f"img{i:02d}.png", "width": 128, "height": 96} for i in range(4)]
+    anns = [{"image_id": i + 1, "bbox_xyxy": [16, 8, 96, 80], "score": 1.0} for i in range(4)]
+    out = tmp_path / "out"
+    write_json(out / "demo" / "dino_vits16" / "mine" / "pseudo_boxes.json",
+               coco_boxes_dataset(images, anns, info={"image_root": str(src)}))
+    return out
+
+
+def test_multi_task_submitit_job_trains_with_ddp(tmp_path):
+    """What hydra/launcher=slurm_ddp does on a GPU node, here as 2 local CPU tasks (gloo): one process
+    group, rank 0 alone writes and evaluates."""
+    out = _tiny_pseudo_boxes(tmp_path)
+    sweep = tmp_path / "sweep"
+    run_cli("stages.train_cag", ["-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
+                                 f"hydra.sweep.dir={sweep}", f"paths.output_root={out}", "detector=mobilenet_fpn",
+                                 "schedule=smoke", "progress=false", "num_workers=0"], timeout=600,
+            env={"OMP_NUM_THREADS": "1"})
+    logs = {int(p.name.split("_")[1]): p.read_text() for p in (sweep / ".submitit").rglob("*_log.out")}
+    assert sorted(logs) == [0, 1]
+    assert "global_rank=1(2)" in logs[1] and "artifacts:" in logs[0] and "artifacts:" not in logs[1]
+    metrics = json.loads((out / "demo" / "dino_vits16" / "cag" / "metrics.json").read_text())
+    assert metrics["iterations"] == 4 and metrics["random_init"] is True
