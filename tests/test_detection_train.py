@@ -22,8 +22,9 @@ TINY = dict(min_size=(56, 64), max_size=96, rpn_topk=(60, 20, 60, 10), batch_siz
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _synthetic_dataset(root, n=6, seed=0) -> DetectionDataset:
-    """n small images, each with one or two bright rectangles and their boxes."""
+def _synthetic_dataset(root, n=6, seed=0, write=True) -> DetectionDataset:
+    """n small images, each with one or two bright rectangles and their boxes (``write=False``: the images
+    exist already; concurrent processes must not rewrite files another one is reading)."""
     rng = np.random.default_rng(seed)
     images, anns = [], []
     for i in range(n):
@@ -34,7 +35,8 @@ def _synthetic_dataset(root, n=6, seed=0) -> DetectionDataset:
             a[y:y + h, x:x + w] = 230
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "bbox": [x, y, min(w, 80 - x), min(h, 60 - y)],
                          "category_id": 1})
-        Image.fromarray(a).save(root / f"{i}.png")
+        if write:
+            Image.fromarray(a).save(root / f"{i}.png")
         images.append({"id": i + 1, "file_name": f"{i}.png", "width": 80, "height": 60})
     return DetectionDataset({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}, root)
 
@@ -124,7 +126,7 @@ def _ddp_worker(rank, world, port, root, out):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     assert init_distributed() == (rank, world)
-    ds = _synthetic_dataset(root)
+    ds = _synthetic_dataset(root, write=False)
     model = _ToyDetector()
     train(model, ds, out_dir=out, iterations=5, batch_size=4, lr=0.1, warmup_iters=0, seed=3, progress=False)
     torch.distributed.destroy_process_group()
@@ -135,8 +137,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    ds = _synthetic_dataset(tmp_path)  # written once, before the workers read it
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path, tmp_path / "ddp"), nprocs=2, join=True)
-    ds = _synthetic_dataset(tmp_path)
     single = _ToyDetector()
     train(single, ds, out_dir=tmp_path / "one", iterations=5, batch_size=4, lr=0.1, warmup_iters=0, seed=3,
           progress=False)
