@@ -19,6 +19,16 @@ class JournalMismatch(RuntimeError):
     pass
 
 
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves that differ between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "<root>"]
+
+
 class Journal:
     def __init__(self, path: str | os.PathLike, meta: dict[str, Any], key: str = "index") -> None:
         self.path = Path(path)
@@ -29,10 +39,11 @@ class Journal:
         if self.meta_path.exists() and self.path.exists():
             old = read_json(self.meta_path, "journal meta")
             if old != meta:
-                changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+                changed = _diff(old, meta)
+                more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
                 raise JournalMismatch(
                     f"{self.path} holds partial results of a different configuration (changed: "
-                    f"{', '.join(changed)}). Rerun with FORCE=1 (mine.force=true) to start again, or "
+                    f"{', '.join(changed[:5])}{more}). Rerun with FORCE=1 (mine.force=true) to start again, or "
                     f"restore the previous settings to resume."
                 )
         else:

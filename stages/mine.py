@@ -139,8 +139,12 @@ def run(cfg: DictConfig) -> dict | None:
     shard, n_shards = int(cfg.mine.shard), int(cfg.mine.num_shards)
     fingerprint = _fingerprint(cfg)
     if not cfg.mine.force and up_to_date(stage_dir, fingerprint, ("pseudo_boxes.json", "metrics.json")):
-        print(f"mine: {stage_dir} is up to date (same config, complete); FORCE=1 (mine.force=true) redoes it.")
-        return read_json(stage_dir / "metrics.json")
+        metrics = read_json(stage_dir / "metrics.json")
+        # backbone.init=auto that fell back to random weights: look for the weights again
+        if not (cfg.backbone.init == "auto" and metrics.get("random_init")):
+            print(f"mine: {stage_dir} is up to date (same config, complete); FORCE=1 (mine.force=true) redoes it.")
+            _print_summary(stage_dir, metrics)
+            return metrics
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")

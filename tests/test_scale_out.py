@@ -172,3 +172,26 @@ def test_multi_task_submitit_job_trains_with_ddp(tmp_path):
     assert "global_rank=1(2)" in logs[1] and "artifacts:" in logs[0] and "artifacts:" not in logs[1]
     metrics = json.loads((out / "demo" / "dino_vits16" / "cag" / "metrics.json").read_text())
     assert metrics["iterations"] == 4 and metrics["random_init"] is True
+
+
+def test_demo_auto_fallback_is_not_up_to_date_once_weights_may_exist(tmp_path, monkeypatch, capsys):
+    """backbone.init=auto (make demo) fell back to random weights: a rerun looks for the weights again
+    instead of calling the random-weight run up to date (and resumes its journal when still offline)."""
+    import pipeline.backbones.weights as w
+
+    def offline(url, dst, progress=True):
+        raise OSError("offline (test)")
+
+    from stages.mine import run
+
+    monkeypatch.setattr(w.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    src = _images(tmp_path / "imgs", 2)
+    over = [f"paths.output_root={tmp_path}", "dataset=folder", f"dataset.root={src}", "backbone.init=auto",
+            f"paths.weights_dir={tmp_path / 'noweights'}", *[a for a in FAST if not a.startswith("backbone.init")]]
+    first = run(compose_cfg("mine", over))
+    assert first["random_init"] is True and "RANDOMLY INITIALISED" in capsys.readouterr().err
+    again = run(compose_cfg("mine", over))
+    out = capsys.readouterr()
+    assert "is up to date" not in out.out and "RANDOMLY INITIALISED" in out.err
+    assert again["resumed"] == 2 and again["computed_this_run"] == 0
