@@ -146,3 +146,26 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
     assert not torch.allclose(ddp_state["lin.weight"], _ToyDetector().lin.weight)  # it trained
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatch):
+    import pipeline.detection.trainer as trainer
+
+    class Writer:
+        scalars: list = []
+        closed = False
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, step))
+
+        def close(self):
+            Writer.closed = True
+
+    monkeypatch.setattr(trainer, "_tensorboard", lambda out_dir: Writer())
+    ds = _synthetic_dataset(tmp_path, n=2)
+    _run(tmp_path / "tb", ds, iterations=2, log_period=1)
+    tags = {t for t, _ in Writer.scalars}
+    assert {"train/loss", "train/lr", "train/loss_classifier"} <= tags
+    assert sorted({s for _, s in Writer.scalars}) == [1, 2] and Writer.closed
+    logged = [json.loads(x) for x in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in logged] == [1, 2]

@@ -97,6 +97,15 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+def _tensorboard(out_dir: Path):
+    """A SummaryWriter into ``out_dir/tensorboard`` when the ``tensorboard`` package is installed (optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is not a dependency: the JSON-lines log is always written
+        return None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+
 def _trim_metrics(path: Path, upto: int) -> None:
     """Keep the metrics lines of iterations <= ``upto`` (a resumed run rewrites what followed)."""
     if not path.is_file():
@@ -165,6 +174,7 @@ def train(model: nn.Module, dataset, *, out_dir: str | os.PathLike, iterations: 
         _set_rng_state(rng)
     else:
         _seed_all(seed + 1000003 * rank + start)
+    tb = _tensorboard(out_dir) if rank == 0 else None
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -216,6 +226,10 @@ def train(model: nn.Module, dataset, *, out_dir: str | os.PathLike, iterations: 
                     line["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
+                if tb is not None:
+                    for k, v in line.items():
+                        if k not in ("iteration", "time"):
+                            tb.add_scalar(f"train/{k}", v, done)
         if rank == 0 and (done % checkpoint_period == 0 or done == iterations or done == stop_after):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": done,
@@ -228,4 +242,6 @@ def train(model: nn.Module, dataset, *, out_dir: str | os.PathLike, iterations: 
             break
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
     return result
