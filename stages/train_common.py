@@ -115,7 +115,9 @@ def detect_and_evaluate(model, records, out_dir: Path, *, category_ids, mode: st
                  AP75=ap["AP75"], num_gt=ap["num_gt"])
     shutil.rmtree(out_dir / "viz", ignore_errors=True)
     if viz_images > 0:
-        write_detection_pictures(dets, records, out_dir / "viz", num_images=viz_images, min_score=viz_min_score)
+        random = getattr(model, "detector_info", {}).get("init") == "random"
+        write_detection_pictures(dets, records, out_dir / "viz", num_images=viz_images, min_score=viz_min_score,
+                                 note="RANDOM WEIGHTS" if random else "")
     return m
 
 

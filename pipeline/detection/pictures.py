@@ -34,8 +34,9 @@ def draw_detections(image: np.ndarray, boxes, scores, gt_boxes=None, *, min_scor
 
 
 def write_detection_pictures(detections: Sequence[dict], records: Sequence, out_dir: str | os.PathLike, *,
-                             num_images: int = 8, min_score: float = 0.3) -> list[Path]:
-    """``<out_dir>/<image_id>.png`` for the first ``num_images`` records that have detections."""
+                             num_images: int = 8, min_score: float = 0.3, note: str = "") -> list[Path]:
+    """``<out_dir>/<image_id>.png`` for the first ``num_images`` records that have detections; ``note``
+    (e.g. "RANDOM WEIGHTS") is appended to each title."""
     by_id = {int(d["image_id"]): d for d in detections}
     paths = []
     for r in records:
@@ -45,7 +46,7 @@ def write_detection_pictures(detections: Sequence[dict], records: Sequence, out_
         if d is None:
             continue
         pic = draw_detections(load_image(r.path), d["boxes"], d["scores"], r.boxes if r.has_gt else None,
-                              min_score=min_score, title=str(r.image_id))
+                              min_score=min_score, title=f"{r.image_id}  {note}".strip())
         safe = str(r.image_id).replace("/", "_").replace(os.sep, "_")
         paths.append(save_png(pic, Path(out_dir) / f"{safe}.png"))
     return paths
