@@ -20,8 +20,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_coco_boxes, read_json, write_json
-from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, resolve_device, run_guarded,
-                           to_container)
+from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, config_fingerprint,
+                           resolve_device, run_guarded, to_container, up_to_date)
 
 
 def _input_path(cfg: DictConfig) -> Path:
@@ -82,6 +82,11 @@ def run(cfg: DictConfig) -> dict:
     timer = Timer()
     c = cfg.cluster
     stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.features_dir)
+    fingerprint = config_fingerprint(cfg, "dataset", "backbone", "miner", "cluster", "viz")
+    if not cfg.force and up_to_date(stage_dir, fingerprint, ("pseudo_labels.json", "metrics.json")):
+        print(f"cluster: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "
+              "redoes it.", flush=True)
+        return read_json(stage_dir / "metrics.json")
     coco, root, in_path = load_boxes(cfg)
     if not coco["annotations"]:
         raise SystemExit(f"{in_path} holds no boxes to cluster.")
@@ -123,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
     write_json(stage_dir / "metrics.json", metrics)
     write_manifest(stage_dir, stage="cluster", config=to_container(cfg), inputs={"boxes": in_path},
                    weights_sha256=desc.get("weights_sha256"), start_time=timer.start, end_time=time.time(),
-                   extra={"features_dir": str(feat_dir), "features_key": feats.key})
+                   extra={"features_dir": str(feat_dir), "features_key": feats.key, "fingerprint": fingerprint})
     _print_summary(stage_dir, feat_dir, metrics)
     return metrics
 

@@ -39,7 +39,7 @@ def _cluster(out, *overrides):
     return run(cfg)
 
 
-def test_cluster_writes_pseudo_labels_galleries_and_reuses_features(mined):
+def test_cluster_writes_pseudo_labels_galleries_and_reuses_features(mined, capsys):
     out, coco = mined
     m2 = _cluster(out, "cluster.k=2")
     base = out / "demo" / "dino_vits16" / "cluster" / "lost"
@@ -61,8 +61,13 @@ def test_cluster_writes_pseudo_labels_galleries_and_reuses_features(mined):
     m3 = _cluster(out, "cluster.k=3")
     assert m3["features_from_cache"] and (base / "k3" / "pseudo_labels.json").is_file()
     assert (stage / "pseudo_labels.json").is_file()            # K=2 output kept
+    assert _cluster(out, "cluster.k=2") == m2                # complete and unchanged: up to date, skipped
+    assert "is up to date" in capsys.readouterr().out
+    first = (stage / "pseudo_labels.json").read_bytes()
+    (stage / "pseudo_labels.json").unlink()                    # incomplete: recomputed, deterministically
     again = _cluster(out, "cluster.k=2")
-    assert again["sizes"] == m2["sizes"] and again["inertia"] == pytest.approx(m2["inertia"])  # deterministic
+    assert again["sizes"] == m2["sizes"] and again["inertia"] == pytest.approx(m2["inertia"])
+    assert again["features_from_cache"] and (stage / "pseudo_labels.json").read_bytes() == first
     assert not _cluster(out, "cluster.k=2", "force=true")["features_from_cache"]
 
 
