@@ -63,19 +63,21 @@ def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> 
         print(f"evaluate-cad: reusing {det_path} (made by the same {model_path} on the same images)", flush=True)
         return det_path, prev
     from stages.common import warn_random
-    from stages.train_common import ap_mode, detect_and_evaluate, load_trained_detector
+    from stages.train_common import ap_mode, checkpoint_random_init, detect_and_evaluate, load_trained_detector
 
     model, ckpt_cfg, iteration = load_trained_detector(model_path, hint="Rerun `make train-cad`.")
-    if model.detector_info.get("init") == "random":
-        warn_random(f"detector {model.detector_info.get('preset')}", f"{model_path} was trained from detector.init=random")
+    random_init = checkpoint_random_init(model, ckpt_cfg)
+    if random_init:
+        warn_random(f"detector {model.detector_info.get('preset')}",
+                    f"{model_path} was trained from random weights (detector or pseudo-labels)")
     cats = list(ckpt_cfg.get("category_ids") or range(1, model.detector_info.get("num_classes", 1) + 1))
     print(f"evaluate-cad: running {model_path} (iteration {iteration}) on {len(records)} images of {gt_desc}", flush=True)
     ev = detect_and_evaluate(model, records, stage_dir, category_ids=cats,
                              mode="coco" if cfg.get("gt") else ap_mode(cfg.dataset.kind),
                              device=resolve_device(str(cfg.device)), batch_size=int(cfg.inference.batch_size),
-                             progress=bool(cfg.progress))
+                             progress=bool(cfg.progress), random_init=random_init)
     side.update({"iteration": iteration, "category_ids": cats, "gt": gt_desc,
-                 "random_init": model.detector_info.get("init") == "random", "class_agnostic": ev})
+                 "random_init": random_init, "class_agnostic": ev})
     write_json(side_path, side)
     return det_path, side
 

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import write_json
 from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container, warn_random
-from stages.train_common import ap_mode, detect_and_evaluate, format_eval, load_trained_detector
+from stages.train_common import (ap_mode, checkpoint_random_init, detect_and_evaluate, format_eval,
+                                 load_trained_detector)
 
 
 def eval_dir(cfg: DictConfig) -> Path:
@@ -35,9 +36,10 @@ def run(cfg: DictConfig) -> dict:
     model, ckpt_cfg, iteration = load_trained_detector(
         model_path, hint="Run `make train-cag` with the same dataset/backbone first, or pass model=<model.pt>.")
     info = model.detector_info
-    random_init = info.get("init") == "random"
+    random_init = checkpoint_random_init(model, ckpt_cfg)
     if random_init:
-        warn_random(f"detector {info.get('preset')}", f"{model_path} was trained from detector.init=random")
+        warn_random(f"detector {info.get('preset')}",
+                    f"{model_path} was trained from random weights (detector or pseudo-boxes)")
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
@@ -46,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
                              mode=ap_mode(cfg.dataset.kind), voc_difficult=str(cfg.eval.voc_difficult),
                              device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
                              progress=bool(cfg.progress), viz_images=int(cfg.viz.num_images),
-                             viz_min_score=float(cfg.viz.min_score))
+                             viz_min_score=float(cfg.viz.min_score), random_init=random_init)
     metrics = {**ev, "model": str(model_path), "model_iteration": iteration, "model_stage": ckpt_cfg.get("stage"),
                "dataset": str(cfg.dataset.name), "image_set": cfg.dataset.get("image_set"),
                "detector": info.get("preset"), "random_init": random_init}

@@ -90,7 +90,7 @@ def ap_mode(dataset_kind: str) -> str:
 
 def detect_and_evaluate(model, records, out_dir: Path, *, category_ids, mode: str, voc_difficult: str = "remove",
                         device: str = "cpu", batch_size: int = 2, progress: bool = False, viz_images: int = 0,
-                        viz_min_score: float = 0.3) -> dict:
+                        viz_min_score: float = 0.3, random_init: bool = False) -> dict:
     """Detect on ``records``; write ``out_dir``/detections.json (COCO results, ``image_id`` = coco_id) and
     ``viz/``; return metrics: LOST+CAD top-1 CorLoc and class-agnostic AP50/AP over the records with GT."""
     from pipeline.detection.inference import predict, to_coco_results
@@ -115,9 +115,8 @@ def detect_and_evaluate(model, records, out_dir: Path, *, category_ids, mode: st
                  AP75=ap["AP75"], num_gt=ap["num_gt"])
     shutil.rmtree(out_dir / "viz", ignore_errors=True)
     if viz_images > 0:
-        random = getattr(model, "detector_info", {}).get("init") == "random"
         write_detection_pictures(dets, records, out_dir / "viz", num_images=viz_images, min_score=viz_min_score,
-                                 note="RANDOM WEIGHTS" if random else "")
+                                 note="RANDOM WEIGHTS" if random_init else "")
     return m
 
 
@@ -156,6 +155,13 @@ def training_set_records(cfg: DictConfig, coco: dict, root: Path) -> tuple[list,
             out.append(ImageRecord(str(im.get("dataset_id") or im["file_name"]), int(im["id"]), str(p),
                                    im.get("width"), im.get("height"), has_gt=False))
     return out, missing
+
+
+def checkpoint_random_init(model, ckpt_config: dict) -> bool:
+    """A trained detector is a smoke test when it started from random weights or learnt from boxes/labels
+    that a random-weight backbone produced."""
+    return (getattr(model, "detector_info", {}) or {}).get("init") == "random" or \
+        bool(ckpt_config.get("boxes_random_init"))
 
 
 def boxes_random_init(coco: dict) -> bool:
@@ -228,6 +234,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
               flush=True)
     device = _device(cfg, world)
     state = {"stage": stage, "fingerprint": fp, "build": build, "category_ids": dataset.category_ids,
+             "boxes_random_init": boxes_random_init(coco),
              "category_names": dataset.category_names, "input": str(in_path), "config": to_container(cfg)}
     res = train(model, dataset, out_dir=stage_dir, iterations=int(sch.iterations), batch_size=int(sch.batch_size),
                 lr=float(sch.lr), momentum=float(sch.momentum), weight_decay=float(sch.weight_decay),
@@ -256,7 +263,8 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
         ev = detect_and_evaluate(model, eval_records, stage_dir, category_ids=dataset.category_ids,
                                  mode=ap_mode(cfg.dataset.kind), voc_difficult=str(cfg.eval.voc_difficult),
                                  device=device, batch_size=int(cfg.eval.batch_size), progress=bool(cfg.progress),
-                                 viz_images=int(cfg.viz.num_images), viz_min_score=float(cfg.viz.min_score))
+                                 viz_images=int(cfg.viz.num_images), viz_min_score=float(cfg.viz.min_score),
+                                 random_init=metrics["random_init"])
         metrics["eval"] = {**ev, "images_missing": eval_missing}
     write_json(stage_dir / "metrics.json", metrics)
     write_manifest(stage_dir, stage=stage, config=to_container(cfg), inputs={section_input(section): in_path},

@@ -298,3 +298,14 @@ def test_full_chain_from_the_command_line(tmp_path, voc07_mini):
     assert (base / "cad" / "eval_trainval" / "hungarian.md").is_file()
     proc = run_cli("stages.status", [f"paths.output_root={tmp_path}", "dataset=voc07"])
     assert "missing" not in proc.stdout and "STALE" not in proc.stdout, proc.stdout
+
+
+def test_a_detector_is_random_when_its_weights_or_its_boxes_were():
+    from types import SimpleNamespace
+
+    from stages.train_common import checkpoint_random_init
+
+    dino, rand = SimpleNamespace(detector_info={"init": "dino"}), SimpleNamespace(detector_info={"init": "random"})
+    assert checkpoint_random_init(dino, {"boxes_random_init": False}) is False
+    assert checkpoint_random_init(dino, {"boxes_random_init": True}) is True   # real detector, random pseudo-boxes
+    assert checkpoint_random_init(rand, {}) is True
