@@ -43,6 +43,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         raise
 
 
+def remove_stale_temps(directory: str | os.PathLike) -> int:
+    """Delete the temporary files :func:`atomic_path` leaves behind when a process is killed mid-write
+    (hidden ``.<name>.<random>`` files); returns how many were removed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return 0
+    stale = [p for p in d.iterdir() if p.is_file() and p.name.startswith(".")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _json_default(o: Any):
     if isinstance(o, (np.integer,)):
         return int(o)

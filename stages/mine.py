@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_json, write_json
+from pipeline.artifacts import read_json, remove_stale_temps, write_json
 from pipeline.journal import Journal, discard_journal
 from pipeline.mining import (collect_shards, image_root, mine_images, predictions_from_rows, rows_to_coco,
                              shard_journal_path)
@@ -87,7 +87,7 @@ def finalize(cfg: DictConfig, stage_dir: Path, dataset, rows: list[dict], meta: 
     write_json(stage_dir / "metrics.json", metrics)
     n_sheet = int(cfg.viz.contact_sheet)
     if n_sheet > 0:
-        pics = sorted((stage_dir / "viz").glob("*.png"))[:n_sheet]
+        pics = sorted(p for p in (stage_dir / "viz").glob("*.png") if not p.name.startswith("."))[:n_sheet]
         contact_sheet(pics, stage_dir / "contact_sheet.png")
     write_manifest(stage_dir, stage="mine", config=to_container(cfg), start_time=timer.start,
                    end_time=time.time(), weights_sha256=info.get("weights_sha256"),
@@ -157,6 +157,9 @@ def run(cfg: DictConfig) -> dict | None:
             (stage_dir / name).unlink(missing_ok=True)
         shutil.rmtree(stage_dir / "viz", ignore_errors=True)
     journal = Journal(journal_path, meta)
+    if n_shards == 1:  # a killed run may have left half-written temp files (shards may be writing theirs)
+        for d in (stage_dir, stage_dir / "viz"):
+            remove_stale_temps(d)
 
     n_viz = int(cfg.viz.num_images)
 
@@ -166,7 +169,7 @@ def run(cfg: DictConfig) -> dict | None:
         img = load_image(rec.path)
         title = f"{rec.image_id}  {cfg.miner.name}" + ("  RANDOM WEIGHTS" if meta["info"]["random_init"] else "")
         pic = draw_mining(img, result, backbone.patch_size, rec.boxes if rec.has_gt else None, title)
-        save_png(pic, stage_dir / "viz" / f"{index:06d}_{Path(rec.image_id).name}.png")
+        save_png(pic, stage_dir / "viz" / f"{index:06d}_{Path(rec.image_id).stem}.png")
 
     stats = mine_images(dataset, backbone, miner=str(cfg.miner.name), miner_params=_miner_params(cfg),
                         feature=str(cfg.backbone.feature), journal=journal, shard=shard, num_shards=n_shards,

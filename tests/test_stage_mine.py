@@ -86,7 +86,7 @@ def test_folder_with_corrupt_image_is_skipped_and_reported(tmp_path):
 
 def test_resume_skips_done_images_and_config_change_is_refused(tmp_path):
     src = _folder(tmp_path)
-    folder = ["dataset=folder", f"dataset.root={src}", "viz.num_images=0"]
+    folder = ["dataset=folder", f"dataset.root={src}", "viz.num_images=2"]
     cfg, first = _mine(tmp_path, *folder)
     assert first["computed_this_run"] == 6
     stage = tmp_path / "folder" / "dino_vits16" / "mine"
@@ -95,8 +95,12 @@ def test_resume_skips_done_images_and_config_change_is_refused(tmp_path):
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:2]) + lines[2][:10])  # a crash mid-write of the third line
     (stage / "pseudo_boxes.json").unlink()
+    (stage / "viz").mkdir(exist_ok=True)
+    stale = stage / "viz" / ".000002_im2.png.k3j2x.png"  # ... and of a picture (atomic_path's temp file)
+    stale.write_bytes(b"\x89PNG half")
     _, again = _mine(tmp_path, *folder)
     assert again["resumed"] == 2 and again["computed_this_run"] == 4
+    assert not stale.exists() and (stage / "contact_sheet.png").is_file()
     assert (stage / "pseudo_boxes.json").read_bytes() == reference
     from pipeline.journal import JournalMismatch
     with pytest.raises(JournalMismatch, match="FORCE=1"):
