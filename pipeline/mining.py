@@ -95,13 +95,13 @@ def mine_images(
             out = backbone.features(item["image"][None].to(device), which=feature, with_cls_attn=with_cls)
             result = run_miner(miner, out, item["size"], patch_size=backbone.patch_size, **miner_params)
         row = _row(index, rec, item["size"], result, item["error"])
+        if on_result is not None and result is not None:
+            on_result(index, rec, result, row)  # before the journal line: a journalled image has its picture
         journal.append(row)
         run.computed += 1
         if item["error"] is not None:
             run.failures.append({"image_id": rec.image_id, "path": rec.path, "error": item["error"]})
             bar.write(f"skipped {rec.path}: {item['error']}")
-        if on_result is not None and result is not None:
-            on_result(index, rec, result, row)
         if hit_fn is not None:
             hit = hit_fn(rec, row)
             if hit is not None:

@@ -76,6 +76,8 @@ def test_sigkill_mid_run_then_resume_recomputes_only_missing(tmp_path):
     assert not (journal.parent.parent / "pseudo_boxes.json").exists()
     metrics = _run_inprocess(out, src)
     assert metrics["resumed"] == done and metrics["computed_this_run"] == n - done
+    viz = journal.parent.parent / "viz"
+    assert sorted(p.name for p in viz.iterdir()) == ["000000_img00.png", "000001_img01.png"]  # none lost
     _run_inprocess(tmp_path / "clean", src)
     assert _boxes(out) == _boxes(tmp_path / "clean")
 
