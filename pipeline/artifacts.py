@@ -101,6 +101,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_json(obj: Any) -> str:
+    """sha256 of ``obj`` serialised as sorted-key JSON (``str()`` for what JSON lacks): a content key."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- COCO artifacts
 def coco_boxes_dataset(
     images: Iterable[dict],

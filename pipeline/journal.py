@@ -19,6 +19,17 @@ class JournalMismatch(RuntimeError):
     pass
 
 
+def canonical_json(obj: Any) -> Any:
+    """``obj`` as it reads back from a sorted-key JSON file (dict order, tuples -> lists, str() of the rest)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def meta_path_of(path: str | os.PathLike) -> Path:
+    """The sidecar ``<journal>.meta.json`` describing what produced the journal at ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".meta.json")
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted paths of the leaves that differ between two JSON values."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -32,10 +43,10 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 class Journal:
     def __init__(self, path: str | os.PathLike, meta: dict[str, Any], key: str = "index") -> None:
         self.path = Path(path)
-        self.meta_path = self.path.with_name(self.path.name + ".meta.json")
+        self.meta_path = meta_path_of(self.path)
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        meta = json.loads(json.dumps(meta, sort_keys=True, default=str))
+        meta = canonical_json(meta)
         if self.meta_path.exists() and self.path.exists():
             old = read_json(self.meta_path, "journal meta")
             if old != meta:
@@ -88,6 +99,5 @@ class Journal:
 
 def discard_journal(path: str | os.PathLike) -> None:
     """Delete a journal and its meta (``force`` reruns)."""
-    path = Path(path)
-    for p in (path, path.with_name(path.name + ".meta.json")):
+    for p in (Path(path), meta_path_of(path)):
         p.unlink(missing_ok=True)

@@ -20,8 +20,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_coco_boxes, read_json, write_json
-from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, config_fingerprint,
-                           resolve_device, run_guarded, to_container, up_to_date)
+from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
+                           config_fingerprint, resolve_device, run_guarded, to_container, up_to_date)
 
 
 def _input_path(cfg: DictConfig) -> Path:
@@ -40,10 +40,7 @@ def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
     if cfg.cluster.source == "lost":
         coco = read_coco_boxes(path, "pseudo-box file", hint="Run `make mine` (python -m stages.mine) with the same "
                                "dataset/backbone first, or set cluster.boxes=<file>.")
-        root = coco.get("info", {}).get("image_root")
-        if not root or not Path(root).is_dir():  # data moved since mining: file names are relative to the dataset
-            root = image_root(build_dataset_from_cfg(cfg).records)
-        return coco, Path(root), path
+        return coco, coco_image_root(cfg, coco), path
     results = read_json(path, "detections file", hint="Run `make train-cag` first, or set cluster.boxes=<file> "
                         "(COCO results json).")
     if not isinstance(results, list):

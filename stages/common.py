@@ -66,6 +66,22 @@ def build_backbone_from_cfg(cfg: DictConfig, device: str):
     return backbone
 
 
+def coco_image_root(cfg: DictConfig, coco: dict, *, override=None, fallback: Path | None = None) -> Path:
+    """Where a COCO box file's ``file_name``s live: ``override``; else its ``info.image_root`` when that
+    folder exists; else, when the data moved since mining (or there is no ``fallback``), the configured
+    dataset's image root; else ``fallback``."""
+    if override:
+        return Path(str(override))
+    root = (coco.get("info") or {}).get("image_root")
+    if root and Path(root).is_dir():
+        return Path(root)
+    if root or fallback is None:
+        from pipeline.mining import image_root
+
+        return Path(image_root(build_dataset_from_cfg(cfg).records))
+    return fallback
+
+
 def build_dataset_from_cfg(cfg: DictConfig):
     from pipeline.data import build_dataset
 
@@ -119,14 +135,12 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
 
 def config_fingerprint(cfg: DictConfig, *keys: str) -> str:
     """sha256 of the resolved sub-configs ``keys``: what decides a stage's results."""
-    import hashlib
-    import json
+    from pipeline.artifacts import sha256_json
 
     def plain(v):
         return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
-    part = {k: plain(OmegaConf.select(cfg, k)) for k in keys}
-    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_json({k: plain(OmegaConf.select(cfg, k)) for k in keys})
 
 
 def up_to_date(stage_dir: Path, fingerprint: str, outputs: tuple[str, ...]) -> bool:

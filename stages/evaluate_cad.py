@@ -38,11 +38,9 @@ def load_gt(cfg: DictConfig):
 
 
 def _images_key(records) -> str:
-    import hashlib
-    import json
+    from pipeline.artifacts import sha256_json
 
-    items = sorted((int(r.coco_id), str(Path(r.path).resolve())) for r in records)
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+    return sha256_json(sorted((int(r.coco_id), str(Path(r.path).resolve())) for r in records))
 
 
 def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> tuple[Path, dict | None]:

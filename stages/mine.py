@@ -9,7 +9,6 @@ metrics.json, manifest.json, viz/ (pictures) and contact_sheet.png.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, remove_stale_temps, write_json
-from pipeline.journal import Journal, discard_journal
+from pipeline.journal import Journal, canonical_json, discard_journal, meta_path_of
 from pipeline.mining import (collect_shards, image_root, mine_images, predictions_from_rows, rows_to_coco,
                              shard_journal_path)
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, config_fingerprint,
@@ -53,16 +52,14 @@ def _fingerprint(cfg: DictConfig) -> str:
 def _journal_meta(info: dict, n_images: int, num_shards: int) -> dict:
     """Canonical (sorted-key) form, the same whether built here or read back from a journal's meta file,
     so a merge from the journals writes byte-identical artifacts."""
-    meta = {"info": info, "n_images": n_images, "num_shards": num_shards}
-    return json.loads(json.dumps(meta, sort_keys=True, default=str))
+    return canonical_json({"info": info, "n_images": n_images, "num_shards": num_shards})
 
 
 def _hit_fn(corloc):
     def hit(rec, row):
         if not rec.has_gt:
             return None
-        pred = None if row["box"] is None else row["box"]
-        res = corloc({rec.image_id: pred}, [rec])
+        res = corloc({rec.image_id: row["box"]}, [rec])
         return None if res.total == 0 else res.hits == 1
     return hit
 
@@ -113,8 +110,7 @@ def merge_only(cfg: DictConfig) -> dict | None:
     timer = Timer()
     stage_dir = Path(cfg.stage_dir)
     n = int(cfg.mine.num_shards)
-    meta_path = shard_journal_path(stage_dir / "results", 0, n)
-    meta = read_json(meta_path.with_name(meta_path.name + ".meta.json"), "shard journal meta",
+    meta = read_json(meta_path_of(shard_journal_path(stage_dir / "results", 0, n)), "shard journal meta",
                      hint=f"Run the {n} mining shards first (mine.num_shards={n}).")
     dataset = build_dataset_from_cfg(cfg)
     rows = collect_shards(stage_dir / "results", len(dataset), n, meta)

@@ -17,8 +17,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import ArtifactError, read_coco_boxes, read_json, write_json
-from stages.common import (Timer, build_dataset_from_cfg, config_fingerprint, export_submitit_distributed_env,
-                           resolve_device, to_container, up_to_date, warn_random)
+from stages.common import (Timer, build_dataset_from_cfg, coco_image_root, config_fingerprint,
+                           export_submitit_distributed_env, resolve_device, to_container, up_to_date, warn_random)
 
 _SIZE_KEYS = ("min_size", "max_size", "test_min_size", "batch_size_per_image", "rpn_batch_size_per_image", "rpn_topk")
 STAGE_FILES = ("model.pt", "metrics.jsonl", "metrics.json", "detections.json", "manifest.json")
@@ -120,21 +120,6 @@ def detect_and_evaluate(model, records, out_dir: Path, *, category_ids, mode: st
     return m
 
 
-def training_image_root(cfg: DictConfig, section: DictConfig, coco: dict, path: Path) -> Path:
-    """``<section>.image_root``, else the json's ``info.image_root`` (the dataset's root when that moved),
-    else the json's directory."""
-    if section.get("image_root"):
-        return Path(str(section.image_root))
-    root = (coco.get("info") or {}).get("image_root")
-    if root and Path(root).is_dir():
-        return Path(root)
-    if root:  # data moved since mining: file names are relative to the dataset's image root
-        from pipeline.mining import image_root
-
-        return Path(image_root(build_dataset_from_cfg(cfg).records))
-    return path.parent
-
-
 def training_set_records(cfg: DictConfig, coco: dict, root: Path) -> tuple[list, int]:
     """ImageRecords of the json's images that exist on disk, with the configured dataset's GT where the
     record has the same coco_id and path; (records, number of images missing on disk)."""
@@ -217,7 +202,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     if world > 1:
         dist.barrier()
     coco = read_coco_boxes(in_path, what, hint)
-    root = training_image_root(cfg, sec, coco, in_path)
+    root = coco_image_root(cfg, coco, override=sec.get("image_root"), fallback=in_path.parent)
     try:
         dataset = DetectionDataset(in_path, root, class_agnostic=class_agnostic,
                                    min_box_size=float(sec.min_box_size), what=what)

@@ -13,14 +13,12 @@ when it matches, nothing is recomputed.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_path, read_json, sha256_file, write_json
+from pipeline.artifacts import atomic_path, read_json, sha256_file, sha256_json, write_json
 from pipeline.boxes import xywh_to_xyxy
 from pipeline.clustering.crops import batches_by_shape, crop_box, resize_shorter, trim_to_patch
 
@@ -63,12 +61,8 @@ def _boxes_of(coco: dict) -> list[_Box]:
 
 
 def cache_key(boxes: list[_Box], backbone_desc: dict, crop_params: dict) -> str:
-    payload = json.dumps(
-        {"boxes": [[b.ann_id, b.image_id, b.file_name, b.xyxy] for b in boxes],
-         "backbone": backbone_desc, "crop": crop_params},
-        sort_keys=True, default=str,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return sha256_json({"boxes": [[b.ann_id, b.image_id, b.file_name, b.xyxy] for b in boxes],
+                        "backbone": backbone_desc, "crop": crop_params})
 
 
 def _load_cache(cache_dir: Path, key: str) -> BoxFeatures | None:
