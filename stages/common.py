@@ -105,27 +105,12 @@ class Timer:
 def run_guarded(fn, cfg: DictConfig) -> Any:
     """Turn the library's clear errors into a one-line message and exit code 2 (no deep traceback)."""
     from pipeline.artifacts import ArtifactError
+    from pipeline.backbones import WeightsError
+    from pipeline.data import DatasetError
+    from pipeline.detection.weights import WeightsError as DetectorWeightsError
     from pipeline.journal import JournalMismatch
 
-    expected: tuple[type[BaseException], ...] = (ArtifactError, FileNotFoundError, JournalMismatch)
-    try:
-        from pipeline.backbones import WeightsError
-
-        expected += (WeightsError,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from pipeline.detection.weights import WeightsError as DetectorWeightsError
-
-        expected += (DetectorWeightsError,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from pipeline.data import DatasetError
-
-        expected += (DatasetError,)
-    except ImportError:  # pragma: no cover
-        pass
+    expected = (ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DetectorWeightsError, DatasetError)
     try:
         return fn(cfg)
     except expected as e:
