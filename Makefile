@@ -15,7 +15,6 @@ FORCE ?= 0
 DATA_ROOT ?= data
 
 ifeq ($(FORCE),1)
-FORCE_MINE := mine.force=true
 FORCE_ARGS := force=true
 endif
 
@@ -35,7 +34,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m stages.mine dataset=demo backbone.init=auto $(FORCE_MINE) $(ARGS)
+	$(PY) -m stages.mine dataset=demo backbone.init=auto $(FORCE_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -44,7 +43,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 mine: $(STAMP)
-	$(PY) -m stages.mine $(FORCE_MINE) $(ARGS)
+	$(PY) -m stages.mine $(FORCE_ARGS) $(ARGS)
 
 merge: $(STAMP)
 	$(PY) -m stages.mine mine.merge_only=true $(ARGS)

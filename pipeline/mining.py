@@ -1,8 +1,13 @@
-"""The mining loop: images -> backbone features -> miner -> one journal line per image.
+"""Mining: images -> backbone features -> a miner -> ranked boxes, one journal line per image.
 
-Sharded (``shard`` of ``num_shards`` takes every ``num_shards``-th image) and resumable (images already in
-the shard's journal are skipped). Corrupt images are journalled with their error and never stop the run.
-Results are merged into the COCO ``pseudo_boxes.json`` by :func:`merge_shards` once every shard is done.
+:class:`MiningRun` owns a run: which images this shard mines (``shard`` of ``num_shards`` takes every
+``num_shards``-th image), its journal (a JSON-lines file per shard, resumable, see
+:mod:`pipeline.journal`) and the journal's metadata (what produced the results), collecting the shards
+and merging them into the COCO ``pseudo_boxes.json``. :func:`mine_images` is the loop; it hands every
+row to the run and never names an algorithm (the :class:`~pipeline.discovery.Miner` says what it needs).
+
+Results are per image, keyed by the image id: a run grown to more images mines only the new ones, and an
+image that failed (corrupt file) is not done: the next run retries it.
 """
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.data.records import Dataset, ImageRecord
-from pipeline.journal import Journal
+from pipeline.journal import Journal, canonical_json, discard_journal
 
 
 def shard_indices(n: int, shard: int, num_shards: int) -> list[int]:
@@ -30,10 +35,96 @@ def shard_journal_path(results_dir: str | os.PathLike, shard: int, num_shards: i
     return Path(results_dir) / f"shard-{shard:04d}-of-{num_shards:04d}.jsonl"
 
 
+def image_root(records: Sequence[ImageRecord]) -> str:
+    """The deepest directory holding every image (``file_name``s in pseudo_boxes.json are relative to it)."""
+    dirs = {os.path.dirname(os.path.abspath(r.path)) for r in records}
+    return os.path.commonpath(sorted(dirs)) if dirs else ""
+
+
+class MiningRun:
+    """One mining run in ``stage_dir``: ``info`` (what produces the boxes; identical for every shard) is the
+    journal's metadata, so resuming with another configuration raises
+    :class:`~pipeline.journal.JournalMismatch` instead of mixing results."""
+
+    def __init__(self, stage_dir: str | os.PathLike, info: dict, *, shard: int = 0, num_shards: int = 1) -> None:
+        shard_indices(0, shard, num_shards)  # validates
+        self.stage_dir = Path(stage_dir)
+        self.results_dir = self.stage_dir / "results"
+        self.shard, self.num_shards = int(shard), int(num_shards)
+        self.meta = canonical_json({"info": info, "num_shards": self.num_shards})
+        self.journal_path = shard_journal_path(self.results_dir, self.shard, self.num_shards)
+        self._journal: Journal | None = None
+
+    @classmethod
+    def from_results(cls, stage_dir: str | os.PathLike, num_shards: int) -> "MiningRun":
+        """The run whose shard journals are in ``stage_dir/results`` (to merge them without recomputing what
+        produced them): its metadata is read from shard 0's."""
+        from pipeline.artifacts import read_json
+        from pipeline.journal import meta_path_of
+
+        path = meta_path_of(shard_journal_path(Path(stage_dir) / "results", 0, num_shards))
+        meta = read_json(path, "shard journal meta", hint=f"Run the {num_shards} mining shards first "
+                         f"(mine.num_shards={num_shards}).")
+        return cls(stage_dir, meta["info"], shard=0, num_shards=num_shards)
+
+    @property
+    def info(self) -> dict:
+        return self.meta["info"]
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            self._journal = Journal(self.journal_path, self.meta, key="image_id")
+        return self._journal
+
+    def discard(self) -> None:
+        """Forget this shard's results (``force``)."""
+        discard_journal(self.journal_path)
+        self._journal = None
+
+    def pending(self, records: Sequence[ImageRecord]) -> list[int]:
+        """Indices of this shard's images without a successful row: new images and failed ones."""
+        done = {k for k, r in self.journal.load().items() if r.get("error") is None}
+        return [i for i in shard_indices(len(records), self.shard, self.num_shards)
+                if records[i].image_id not in done]
+
+    def record(self, row: dict) -> None:
+        self.journal.append(row)
+
+    def collect(self, records: Sequence[ImageRecord]) -> list[dict] | None:
+        """The rows of every image of ``records`` from all shard journals, in record order (the last row of an
+        image wins: a retried image replaces its failure), or None while some image has no row yet."""
+        rows: dict[str, dict] = {}
+        for s in range(self.num_shards):
+            path = shard_journal_path(self.results_dir, s, self.num_shards)
+            if path.exists():
+                rows.update(Journal(path, self.meta, key="image_id").load())
+        if any(r.image_id not in rows for r in records):
+            return None
+        return [{**rows[r.image_id], "index": i} for i, r in enumerate(records)]
+
+    def to_coco(self, rows: Sequence[dict]) -> dict:
+        """Rows -> the COCO ``pseudo_boxes.json`` dict: one annotation per box with its ``score`` and ``rank``
+        (file names relative to ``info.image_root``)."""
+        from pipeline.artifacts import coco_boxes_dataset
+
+        root = self.info["image_root"]
+        images, anns = [], []
+        for r in rows:
+            images.append({"id": int(r["coco_id"]), "file_name": os.path.relpath(r["path"], root),
+                           "width": r["width"], "height": r["height"], "dataset_id": r["image_id"]})
+            for rank, (box, score) in enumerate(zip(r["boxes"], r["scores"])):
+                ann = {"image_id": int(r["coco_id"]), "bbox_xyxy": box, "category_id": 1, "score": score,
+                       "rank": rank}
+                if rank == 0:
+                    ann["seed"] = r["seed"]
+                anns.append(ann)
+        return coco_boxes_dataset(images, anns, info=self.info)
+
+
 @dataclass
-class MineRun:
+class MineStats:
     computed: int = 0          # images mined in this process
-    resumed: int = 0           # images found done in the journal and skipped
     failures: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -42,13 +133,17 @@ class MineRun:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def _row(index: int, rec: ImageRecord, size, result, error: str | None) -> dict:
+def make_row(rec: ImageRecord, size, result, error: str | None) -> dict:
+    """The journal row of one image: its boxes in rank order with their scores (none when it failed)."""
+    from pipeline.discovery import boxes_of
+
     h, w = size if size is not None else (rec.height, rec.width)
-    row = {"index": index, "image_id": rec.image_id, "coco_id": rec.coco_id, "path": rec.path,
-           "width": w, "height": h, "error": error, "box": None, "score": None, "seed": None}
+    row = {"image_id": rec.image_id, "coco_id": rec.coco_id, "path": rec.path, "width": w, "height": h,
+           "error": error, "boxes": [], "scores": [], "seed": None}
     if result is not None:
-        row["box"] = [float(v) for v in np.asarray(result.box).reshape(4)]
-        row["score"] = float(result.score)
+        mined = boxes_of(result)
+        row["boxes"] = [list(b.box) for b in mined]
+        row["scores"] = [b.score for b in mined]
         seed = getattr(result, "seed", None)
         row["seed"] = None if seed is None else int(seed)
     return row
@@ -57,47 +152,46 @@ def _row(index: int, rec: ImageRecord, size, result, error: str | None) -> dict:
 def mine_images(
     dataset: Dataset,
     backbone,
+    miner,
+    indices: Sequence[int],
     *,
-    miner: str,
-    miner_params: dict,
-    feature: str,
-    journal: Journal,
-    shard: int = 0,
-    num_shards: int = 1,
+    record: Callable[[dict], None] | None,
+    feature: str = "k",
     num_workers: int = 0,
     device: str = "cpu",
     progress: bool = True,
     on_result: Callable[[int, ImageRecord, object, dict], None] | None = None,
     hit_fn: Callable[[ImageRecord, dict], bool | None] | None = None,
-) -> MineRun:
-    """Mine this shard's images not yet in ``journal``; return counts. ``on_result(index, record, result,
-    row)`` is called for every computed image (pictures); ``hit_fn(record, row)`` feeds the running CorLoc."""
+) -> MineStats:
+    """Mine ``dataset.records[i]`` for ``i`` in ``indices`` with ``miner`` (a built
+    :class:`~pipeline.discovery.Miner`) and hand each row to ``record`` (e.g. ``MiningRun.record``; None
+    for a dry pass that only makes pictures). ``on_result(index, record, result, row)`` is called for
+    every image mined, before its row is recorded (so a recorded image has its picture); ``hit_fn(record,
+    row)`` feeds the running CorLoc in the progress bar."""
     from pipeline.data import MiningImages, collate_single
-    from pipeline.discovery import run_miner
 
-    done = journal.load()
-    todo = [i for i in shard_indices(len(dataset), shard, num_shards) if i not in done]
-    run = MineRun(resumed=len(shard_indices(len(dataset), shard, num_shards)) - len(todo))
-    if not todo:
+    run = MineStats()
+    if not indices:
         return run
-    loader = DataLoader(MiningImages(dataset.records, backbone.patch_size, indices=todo), batch_size=1,
+    loader = DataLoader(MiningImages(dataset.records, backbone.patch_size, indices=list(indices)), batch_size=1,
                         shuffle=False, num_workers=num_workers, collate_fn=collate_single,
                         persistent_workers=False)
     hits = total = 0
     start = time.time()
-    bar = tqdm(loader, total=len(todo), disable=not progress, desc=f"mine {dataset.name}", unit="img",
+    bar = tqdm(loader, total=len(indices), disable=not progress, desc=f"mine {dataset.name}", unit="img",
                dynamic_ncols=True)
-    with_cls = miner == "dinoseg"
+    needs = miner.needs
     for item in bar:
         index, rec = item["index"], item["record"]
         result = None
         if item["error"] is None:
-            out = backbone.features(item["image"][None].to(device), which=feature, with_cls_attn=with_cls)
-            result = run_miner(miner, out, item["size"], patch_size=backbone.patch_size, **miner_params)
-        row = _row(index, rec, item["size"], result, item["error"])
+            out = backbone.features(item["image"][None].to(device), which=feature, with_cls_attn=needs.cls_attn)
+            result = miner(out, item["size"])
+        row = make_row(rec, item["size"], result, item["error"])
         if on_result is not None and result is not None:
-            on_result(index, rec, result, row)  # before the journal line: a journalled image has its picture
-        journal.append(row)
+            on_result(index, rec, result, row)
+        if record is not None:
+            record(row)
         run.computed += 1
         if item["error"] is not None:
             run.failures.append({"image_id": rec.image_id, "path": rec.path, "error": item["error"]})
@@ -112,40 +206,11 @@ def mine_images(
     return run
 
 
-def collect_shards(results_dir: str | os.PathLike, n_images: int, num_shards: int,
-                   meta: dict) -> list[dict] | None:
-    """All journal rows of a run, ordered by image index, or None while some shard is incomplete."""
-    rows: dict[int, dict] = {}
-    for s in range(num_shards):
-        path = shard_journal_path(results_dir, s, num_shards)
-        if not path.exists():
-            return None
-        rows.update(Journal(path, meta).load())
-    if len(rows) < n_images or any(i not in rows for i in range(n_images)):
-        return None
-    return [rows[i] for i in range(n_images)]
+def first_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray | None]:
+    """image id -> its rank-0 box (the single-object protocol's box), None when it has none."""
+    return {r["image_id"]: (np.asarray(r["boxes"][0], dtype=np.float64) if r["boxes"] else None) for r in rows}
 
 
-def rows_to_coco(rows: list[dict], info: dict) -> dict:
-    """Journal rows -> the COCO ``pseudo_boxes.json`` dict (file names relative to ``info.image_root``)."""
-    from pipeline.artifacts import coco_boxes_dataset
-
-    root = info["image_root"]
-    images, anns = [], []
-    for r in rows:
-        images.append({"id": int(r["coco_id"]), "file_name": os.path.relpath(r["path"], root),
-                       "width": r["width"], "height": r["height"], "dataset_id": r["image_id"]})
-        if r["box"] is not None:
-            anns.append({"image_id": int(r["coco_id"]), "bbox_xyxy": r["box"], "category_id": 1,
-                         "score": r["score"], "seed": r["seed"]})
-    return coco_boxes_dataset(images, anns, info=info)
-
-
-def image_root(records: list[ImageRecord]) -> str:
-    dirs = {os.path.dirname(os.path.abspath(r.path)) for r in records}
-    return os.path.commonpath(sorted(dirs)) if dirs else ""
-
-
-def predictions_from_rows(rows: list[dict]) -> dict[str, np.ndarray | None]:
-    return {r["image_id"]: (None if r["box"] is None else np.asarray(r["box"], dtype=np.float64)) for r in rows}
-
+def all_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray]:
+    """image id -> (n, 4) every box of the image, in rank order."""
+    return {r["image_id"]: np.asarray(r["boxes"], dtype=np.float64).reshape(-1, 4) for r in rows}

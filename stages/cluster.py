@@ -4,9 +4,11 @@
     python -m stages.cluster -m cluster.k=10,20,40        # features computed once, one output per K
     python -m stages.cluster cluster.source=cag cluster.score_threshold=0.7
 
-Reads ``${inputs.lost}`` (the mine stage's pseudo_boxes.json) or ``${inputs.cag}`` (the class-agnostic
-detector's COCO results). Writes ``${features_dir}/`` (features.npy + features_index.json, shared by
-every K) and ``${stage_dir}/``: pseudo_labels.json, metrics.json, manifest.json, galleries/cluster_<k>.png.
+Reads ``${inputs.pseudo_boxes}`` (the mine stage's pseudo_boxes.json) or ``${inputs.cag_detections}`` (the
+class-agnostic detector's COCO results). Writes ``${dirs.cluster_features}/`` (features.npy +
+features_index.json, shared by every K) and ``${dirs.cluster}/``: pseudo_labels.json, metrics.json,
+manifest.json, galleries/cluster_<k>.png. A rerun with only ``viz.*`` changed redraws the galleries and
+leaves pseudo_labels.json untouched; another clustering setting on a finished run is refused (FORCE=1).
 """
 from __future__ import annotations
 
@@ -15,20 +17,35 @@ import shutil
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_coco_boxes, read_json, write_json
+from pipeline.rerun import input_hashes, plan_rerun
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
-                           config_fingerprint, resolve_device, run_guarded, to_container, up_to_date)
+                           dataset_identity, resolve_device, run_guarded, to_container)
+from stages.config import stage_main
+
+OUTPUTS = ("pseudo_labels.json", "metrics.json")
+
+
+def _artifact(cfg: DictConfig, in_path: Path) -> dict:
+    """What decides the clusters: the input boxes (file hash), the dataset and backbone, the clustering."""
+    c = to_container(cfg.cluster)
+    c.pop("run_name", None)
+    return {"input": input_hashes(boxes=in_path), "dataset": dataset_identity(cfg),
+            "backbone": to_container(cfg.backbone), "cluster": c}
+
+
+def _report(cfg: DictConfig) -> dict:
+    return {"viz": {"gallery_size": int(cfg.viz.gallery_size), "thumb": int(cfg.viz.thumb)}}
 
 
 def _input_path(cfg: DictConfig) -> Path:
     c = cfg.cluster
     if c.source not in ("lost", "cag"):
         raise SystemExit(f"cluster.source={c.source!r}: choose lost (mine stage boxes) or cag (detector boxes)")
-    return Path(c.boxes) if c.get("boxes") else Path(cfg.inputs[c.source])
+    return Path(c.boxes) if c.boxes else Path(cfg.inputs.pseudo_boxes if c.source == "lost" else cfg.inputs.cag_detections)
 
 
 def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
@@ -71,19 +88,48 @@ def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: 
                             sizes=sizes, n=n, thumb=thumb, note=note)
 
 
+def _redraw_galleries(cfg: DictConfig, stage_dir: Path, changes) -> dict:
+    """Only report settings changed: new galleries from the existing pseudo_labels.json."""
+    print(f"cluster: only report settings changed ({'; '.join(changes)}): redrawing the galleries; "
+          "pseudo_labels.json is unchanged.", flush=True)
+    labels_coco = read_json(stage_dir / "pseudo_labels.json", "pseudo-label file")
+    metrics = read_json(stage_dir / "metrics.json")
+    index = [(int(a["id"]), int(a["image_id"])) for a in labels_coco["annotations"]]
+    labels = np.array([int(a["category_id"]) - 1 for a in labels_coco["annotations"]], dtype=np.int64)
+    root = Path(labels_coco["info"].get("image_root") or ".")
+    galleries(labels_coco, root, index, labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
+              int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if metrics.get("random_init") else "")
+    _write_manifest(cfg, stage_dir, Timer(), Path(labels_coco["info"]["clustering"]["input"]),
+                    labels_coco["info"]["clustering"]["backbone"], labels_coco["info"].get("features_key"))
+    return metrics
+
+
+def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, in_path: Path, desc: dict, key) -> None:
+    from pipeline.artifacts import write_manifest
+
+    write_manifest(stage_dir, stage="cluster", config=to_container(cfg), inputs={"boxes": in_path},
+                   weights_sha256=desc.get("weights_sha256"), start_time=timer.start, end_time=time.time(),
+                   extra={"features_dir": str(cfg.dirs.cluster_features), "features_key": key,
+                          "artifact": _artifact(cfg, in_path), "report": _report(cfg),
+                          "random_init": desc.get("init") == "random"})
+
+
 def run(cfg: DictConfig) -> dict:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are noise here
-    from pipeline.artifacts import write_manifest
     from pipeline.clustering import extract_box_features, kmeans, make_pseudo_labels, prepare_features
 
     timer = Timer()
     c = cfg.cluster
-    stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.features_dir)
-    fingerprint = config_fingerprint(cfg, "dataset", "backbone", "miner", "cluster", "viz")
-    if not cfg.force and up_to_date(stage_dir, fingerprint, ("pseudo_labels.json", "metrics.json")):
+    stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.dirs.cluster_features)
+    in_path = _input_path(cfg)
+    plan = plan_rerun(stage_dir, stage="cluster", artifact=_artifact(cfg, in_path), report=_report(cfg),
+                      outputs=OUTPUTS, force=bool(cfg.force))
+    if plan.action == "skip":
         print(f"cluster: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "
               "redoes it.", flush=True)
         return read_json(stage_dir / "metrics.json")
+    if plan.action == "report":
+        return _redraw_galleries(cfg, stage_dir, plan.report_changes)
     coco, root, in_path = load_boxes(cfg)
     if not coco["annotations"]:
         raise SystemExit(f"{in_path} holds no boxes to cluster.")
@@ -112,7 +158,8 @@ def run(cfg: DictConfig) -> dict:
                   "l2_normalize": bool(c.l2_normalize), "short_side": int(c.short_side), "backbone": desc,
                   "random_init": random_init}
     labels_coco = make_pseudo_labels(coco, feats.index, result, extra_info={"image_root": str(root),
-                                                                            "clustering": clustering})
+                                                                            "clustering": clustering,
+                                                                            "features_key": feats.key})
     write_json(stage_dir / "pseudo_labels.json", labels_coco)
     galleries(coco, root, feats.index, result.labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
               int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if random_init else "")
@@ -123,9 +170,7 @@ def run(cfg: DictConfig) -> dict:
                "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
                "kmeans_seconds": round(t_km, 3), "random_init": random_init, "source": str(c.source)}
     write_json(stage_dir / "metrics.json", metrics)
-    write_manifest(stage_dir, stage="cluster", config=to_container(cfg), inputs={"boxes": in_path},
-                   weights_sha256=desc.get("weights_sha256"), start_time=timer.start, end_time=time.time(),
-                   extra={"features_dir": str(feat_dir), "features_key": feats.key, "fingerprint": fingerprint})
+    _write_manifest(cfg, stage_dir, timer, in_path, desc, feats.key)
     _print_summary(stage_dir, feat_dir, metrics)
     return metrics
 
@@ -138,7 +183,7 @@ def _print_summary(stage_dir: Path, feat_dir: Path, m: dict) -> None:
           f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/)", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="cluster")
+@stage_main("cluster")
 def main(cfg: DictConfig) -> None:
     run_guarded(run, cfg)
 

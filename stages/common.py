@@ -27,18 +27,36 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 def resolve_device(name: str) -> str:
+    """``device=``: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N; anything else is one clear error."""
+    import re
+
     import torch
 
+    name = str(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"device={name} requested but no CUDA device is visible. Use device=cpu.")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise SystemExit(f"error: device={name} is not a device: use device=auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: device={name} requested but no CUDA device is visible. Use device=cpu.")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise SystemExit(f"error: device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
     return name
 
 
-def stage_path(cfg: DictConfig, stage: str) -> Path:
-    """Stable artifact dir of ``stage`` for this dataset/backbone (DESIGN.md)."""
-    return Path(cfg.paths.output_root) / str(cfg.dataset.name) / str(cfg.backbone.name) / stage
+def dataset_identity(cfg: DictConfig) -> dict:
+    """The dataset settings that decide which images and annotations a stage reads, with paths resolved (an
+    absolute and a relative path to one folder are the same data) and without ``max_images`` (results are
+    per image: a grown image set is the same configuration)."""
+    import os
+
+    d = to_container(cfg.dataset)
+    d.pop("max_images", None)
+    for key in ("root", "ann_file", "image_dir", "list_file"):
+        if d.get(key):
+            d[key] = os.path.realpath(os.path.expanduser(str(d[key])))
+    return d
 
 
 def warn_random(what: str, reason: str) -> None:
@@ -116,6 +134,9 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     except expected as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: what was finished is kept; the same command resumes.", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 def config_fingerprint(cfg: DictConfig, *keys: str) -> str:

@@ -1,11 +1,11 @@
 """Stage evaluate-cad: Hungarian cluster-to-class matching and per-class AP of a class-aware detector.
 
     python -m stages.evaluate_cad dataset=voc07 dataset.image_set=test
-    python -m stages.evaluate_cad detections=dets.json gt=instances_val.json   # any detector / GT
+    python -m stages.evaluate_cad evaluate_cad.detections=dets.json evaluate_cad.gt=instances_val.json
 
-``detections``: COCO results json (``image_id`` = the GT's integer image id, ``category_id`` = cluster,
+``evaluate_cad.detections``: COCO results json (``image_id`` = the GT's integer image id, ``category_id`` = cluster,
 ``bbox`` xywh, ``score``). When it is not given (null), ``${stage_dir}/detections.json`` is used, first
-produced by running the train-cad detector ``${model}`` on the evaluated images when it is missing or
+produced by running the train-cad detector ``${evaluate_cad.model}`` on the evaluated images when it is missing or
 came from another model or image list (``inference.json`` records which). Writes ``${stage_dir}/``:
 metrics.json (AP50 matrix, matching, per-class APs, means, unmatched clusters/classes), hungarian.md
 (the table) and manifest.json.
@@ -15,25 +15,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, write_json, write_text
+from stages.config import stage_main
 from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
 
 
 def load_gt(cfg: DictConfig):
     """(records, class names, description) from ``gt`` (a COCO instances json) or the configured dataset."""
-    if cfg.get("gt"):
+    if cfg.evaluate_cad.gt:
         from pipeline.data.coco import load_coco
 
-        gt = Path(str(cfg.gt))
+        gt = Path(str(cfg.evaluate_cad.gt))
         ds = load_coco(gt.parent, ann_file=str(gt), image_dir=str(gt.parent), name=gt.stem)
         return ds.records, ds.class_names, str(gt)
     ds = build_dataset_from_cfg(cfg)
     if not ds.has_gt or not ds.class_names:
         raise SystemExit(f"dataset {cfg.dataset.name} has no class labels to evaluate against; choose a labelled "
-                         "dataset (e.g. dataset=voc07 dataset.image_set=test) or pass gt=<COCO instances json>.")
+                         "dataset (e.g. dataset=voc07 dataset.image_set=test) or pass evaluate_cad.gt=<COCO instances json>.")
     return ds.records, ds.class_names, f"{cfg.dataset.name}:{cfg.dataset.get('image_set')}"
 
 
@@ -47,20 +47,21 @@ def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> 
     """The detections to evaluate, and (when the train-cad model produced them) its inference record."""
     from pipeline.artifacts import sha256_file
 
-    if cfg.get("detections"):
-        return Path(str(cfg.detections)), None
-    det_path, side_path, model_path = stage_dir / "detections.json", stage_dir / "inference.json", Path(str(cfg.model))
+    if cfg.evaluate_cad.detections:
+        return Path(str(cfg.evaluate_cad.detections)), None
+    det_path, side_path, model_path = stage_dir / "detections.json", stage_dir / "inference.json", Path(str(cfg.evaluate_cad.model))
     if not model_path.is_file():
         if det_path.is_file():
             return det_path, None
         raise FileNotFoundError(f"no detections to evaluate: neither {det_path} nor the class-aware detector "
-                                f"{model_path} exists. Run `make train-cad` first, or pass detections=<COCO results json>.")
+                                f"{model_path} exists. Run `make train-cad` first, or pass evaluate_cad.detections=<COCO results json>.")
     side = {"model": str(model_path), "model_sha256": sha256_file(model_path), "images_key": _images_key(records)}
     prev = read_json(side_path, "inference record") if side_path.is_file() else {}
     if det_path.is_file() and all(prev.get(k) == v for k, v in side.items() if k != "model"):
         print(f"evaluate-cad: reusing {det_path} (made by the same {model_path} on the same images)", flush=True)
         return det_path, prev
-    from stages.common import warn_random
+    from stages.config import stage_main
+from stages.common import warn_random
     from stages.train_common import ap_mode, checkpoint_random_init, detect_and_evaluate, load_trained_detector
 
     model, ckpt_cfg, iteration = load_trained_detector(model_path, hint="Rerun `make train-cad`.")
@@ -71,8 +72,8 @@ def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> 
     cats = list(ckpt_cfg.get("category_ids") or range(1, model.detector_info.get("num_classes", 1) + 1))
     print(f"evaluate-cad: running {model_path} (iteration {iteration}) on {len(records)} images of {gt_desc}", flush=True)
     ev = detect_and_evaluate(model, records, stage_dir, category_ids=cats,
-                             mode="coco" if cfg.get("gt") else ap_mode(cfg.dataset.kind),
-                             device=resolve_device(str(cfg.device)), batch_size=int(cfg.inference.batch_size),
+                             mode="coco" if cfg.evaluate_cad.gt else ap_mode(cfg.dataset.kind),
+                             device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
                              progress=bool(cfg.progress), random_init=random_init)
     side.update({"iteration": iteration, "category_ids": cats, "gt": gt_desc,
                  "random_init": random_init, "class_agnostic": ev})
@@ -88,15 +89,15 @@ def run(cfg: DictConfig) -> dict:
     stage_dir = Path(cfg.stage_dir)
     records, class_names, gt_desc = load_gt(cfg)
     det_path, inferred = detections_file(cfg, records, gt_desc, stage_dir)
-    dets = read_json(det_path, "detections file", hint="Run `make train-cad` first, or pass detections=<COCO "
-                     "results json>.")
+    dets = read_json(det_path, "detections file", hint="Run `make train-cad` first, or pass "
+                     "evaluate_cad.detections=<COCO results json>.")
     if not isinstance(dets, list):
         raise SystemExit(f"{det_path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
-    k = cfg.get("num_clusters")
+    k = cfg.evaluate_cad.num_clusters
     cluster_ids = range(1, int(k) + 1) if k is not None else (inferred or {}).get("category_ids")
     try:
         res = hungarian_evaluate(dets, records, class_names, cluster_ids=cluster_ids,
-                                 iou_thresholds=list(cfg.iou_thresholds))
+                                 iou_thresholds=list(cfg.evaluate_cad.iou_thresholds))
     except ValueError as e:
         raise SystemExit(f"{det_path}: {e}") from None
     res.update({"detections": str(det_path), "gt": gt_desc})
@@ -116,7 +117,7 @@ def run(cfg: DictConfig) -> dict:
     return res
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_cad")
+@stage_main("evaluate_cad")
 def main(cfg: DictConfig) -> None:
     run_guarded(run, cfg)
 

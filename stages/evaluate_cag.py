@@ -1,11 +1,11 @@
 """Stage evaluate-cag: the trained class-agnostic detector on any dataset: detections, CorLoc, AP.
 
     python -m stages.evaluate_cag dataset=voc07 dataset.image_set=test   # the voc07 (trainval) model on test
-    python -m stages.evaluate_cag model=/path/model.pt dataset=coco20k
+    python -m stages.evaluate_cag evaluate_cag.model=/path/model.pt dataset=coco20k
 
-Loads ``${model}`` (default ``${base_dir}/cag/model.pt``: ``base_dir`` uses dataset.name, so the model
-trained on trainval is found), runs it on every image of the configured dataset and writes
-``${base_dir}/cag/<eval_name>/`` (default ``eval_<image_set>``): detections.json (COCO results,
+Loads ``${evaluate_cag.model}`` (default ``${base_dir}/cag/model.pt``: ``base_dir`` uses dataset.name, so the
+model trained on trainval is found), runs it on every image of the configured dataset and writes
+``${dirs.cag_eval}`` (``cag/${evaluate_cag.name}``, default ``eval_<image_set>``): detections.json (COCO results,
 ``image_id`` = the dataset's integer ids), metrics.json (LOST+CAD top-1 CorLoc, class-agnostic AP50/AP:
 VOC style with difficult objects removed for VOC, COCO style otherwise), viz/, manifest.json.
 """
@@ -14,27 +14,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from pipeline.artifacts import write_json
+from stages.config import stage_main
 from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container, warn_random
 from stages.train_common import (ap_mode, checkpoint_random_init, detect_and_evaluate, format_eval,
                                  load_trained_detector)
-
-
-def eval_dir(cfg: DictConfig) -> Path:
-    name = cfg.get("eval_name") or f"eval_{cfg.dataset.get('image_set') or 'all'}"
-    return Path(str(cfg.base_dir)) / "cag" / str(name)
 
 
 def run(cfg: DictConfig) -> dict:
     from pipeline.artifacts import write_manifest
 
     timer = Timer()
-    model_path = Path(str(cfg.model))
+    model_path = Path(str(cfg.evaluate_cag.model))
     model, ckpt_cfg, iteration = load_trained_detector(
-        model_path, hint="Run `make train-cag` with the same dataset/backbone first, or pass model=<model.pt>.")
+        model_path, hint="Run `make train-cag` with the same dataset/backbone first, or pass evaluate_cag.model=<model.pt>.")
     info = model.detector_info
     random_init = checkpoint_random_init(model, ckpt_cfg)
     if random_init:
@@ -43,7 +38,7 @@ def run(cfg: DictConfig) -> dict:
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
-    out = eval_dir(cfg)
+    out = Path(cfg.stage_dir)
     ev = detect_and_evaluate(model, dataset.records, out, category_ids=ckpt_cfg.get("category_ids") or [1],
                              mode=ap_mode(cfg.dataset.kind), voc_difficult=str(cfg.eval.voc_difficult),
                              device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
@@ -61,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_cag")
+@stage_main("evaluate_cag")
 def main(cfg: DictConfig) -> None:
     run_guarded(run, cfg)
 

@@ -1,11 +1,13 @@
-"""Stage 1, mine: DINO features -> LOST (or DINO-seg) -> one pseudo-box per image, with CorLoc.
+"""Stage 1, mine: DINO features -> a miner (LOST, DINO-seg, ...) -> ranked pseudo-boxes, with CorLoc.
 
     python -m stages.mine dataset=voc07 backbone=dino_vits16 miner=lost
     python -m stages.mine -m mine.shard=0,1,2 mine.num_shards=3       # sharded; merged when all are done
     python -m stages.mine mine.merge_only=true                          # merge finished shards (make merge)
 
-Writes to ``${stage_dir}``: results/ (per-shard JSON-lines journals, resumable), pseudo_boxes.json,
-metrics.json, manifest.json, viz/ (pictures) and contact_sheet.png.
+Writes to ``${dirs.mine}``: results/ (per-shard JSON-lines journals, resumable), pseudo_boxes.json,
+metrics.json, manifest.json, viz/ (pictures) and contact_sheet.png. A rerun with only ``viz.*`` changed
+redraws the pictures and leaves the boxes untouched (pipeline/rerun.py); a grown image set mines only
+the new images; failed images are retried.
 """
 from __future__ import annotations
 
@@ -13,181 +15,227 @@ import shutil
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, remove_stale_temps, write_json
-from pipeline.journal import Journal, canonical_json, discard_journal, meta_path_of
-from pipeline.mining import (collect_shards, image_root, mine_images, predictions_from_rows, rows_to_coco,
-                             shard_journal_path)
-from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, config_fingerprint,
-                           resolve_device, run_guarded, to_container, up_to_date)
+from pipeline.mining import MiningRun, all_boxes, first_boxes, image_root, mine_images, shard_indices
+from pipeline.rerun import Rerun, plan_rerun
+from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, dataset_identity,
+                           resolve_device, run_guarded, to_container)
+from stages.config import stage_main
+
+OUTPUTS = ("pseudo_boxes.json", "metrics.json")
 
 
-def _miner_params(cfg: DictConfig) -> dict:
-    return {k: v for k, v in to_container(cfg.miner).items() if k not in ("name", "stage")}
+def _artifact(cfg: DictConfig) -> dict:
+    """What decides the boxes (the image list is per image: a grown set is not a new configuration)."""
+    return {"dataset": dataset_identity(cfg), "backbone": to_container(cfg.backbone),
+            "miner": to_container(cfg.miner), "num_shards": int(cfg.mine.num_shards)}
+
+
+def _report(cfg: DictConfig) -> dict:
+    return {"viz": {"num_images": int(cfg.viz.num_images), "contact_sheet": int(cfg.viz.contact_sheet)}}
 
 
 def _info(cfg: DictConfig, backbone_desc: dict, root: str) -> dict:
     """What produced the boxes; identical for every shard of a run (it goes into pseudo_boxes.json)."""
+    miner = to_container(cfg.miner)
     return {
         "description": f"{cfg.miner.name} pseudo-boxes",
         "method": str(cfg.miner.name),
-        "miner_params": _miner_params(cfg),
+        "miner_params": {k: v for k, v in miner.items() if k != "name"},
         "backbone": backbone_desc,
         "feature": str(cfg.backbone.feature),
         "random_init": backbone_desc.get("init") == "random",
         "weights_sha256": backbone_desc.get("weights_sha256"),
         "dataset": str(cfg.dataset.name),
         "image_root": root,
-        "config": {"dataset": to_container(cfg.dataset), "backbone": to_container(cfg.backbone),
-                   "miner": to_container(cfg.miner)},
+        "config": {"dataset": dataset_identity(cfg), "backbone": to_container(cfg.backbone), "miner": miner},
     }
 
 
-def _fingerprint(cfg: DictConfig) -> str:
-    return config_fingerprint(cfg, "dataset", "backbone", "miner", "mine.num_shards")
+def _hit(rec, row) -> bool | None:
+    """Whether the image's first box hits its GT (the running CorLoc of the progress bar)."""
+    from pipeline.evaluation.corloc import corloc
+
+    if not rec.has_gt:
+        return None
+    res = corloc(first_boxes([row]), [rec])
+    return None if res.total == 0 else res.hits == 1
 
 
-def _journal_meta(info: dict, n_images: int, num_shards: int) -> dict:
-    """Canonical (sorted-key) form, the same whether built here or read back from a journal's meta file,
-    so a merge from the journals writes byte-identical artifacts."""
-    return canonical_json({"info": info, "n_images": n_images, "num_shards": num_shards})
+class Pictures:
+    """Mining pictures of the first ``viz.num_images`` images and their contact sheet."""
+
+    def __init__(self, cfg: DictConfig, stage_dir: Path, backbone, random_init: bool) -> None:
+        self.n = int(cfg.viz.num_images)
+        self.n_sheet = int(cfg.viz.contact_sheet)
+        self.dir = stage_dir / "viz"
+        self.sheet = stage_dir / "contact_sheet.png"
+        self.patch = backbone.patch_size
+        self.tag = f"  {cfg.miner.name}" + ("  RANDOM WEIGHTS" if random_init else "")
+
+    def __call__(self, index, rec, result, row) -> None:
+        from pipeline.data import load_image
+        from pipeline.viz.mining import draw_mining, save_png
+
+        if index >= self.n:
+            return
+        pic = draw_mining(load_image(rec.path), result, self.patch, rec.boxes if rec.has_gt else None,
+                          f"{rec.image_id}{self.tag}")
+        save_png(pic, self.dir / f"{index:06d}_{Path(rec.image_id).stem}.png")
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.sheet.unlink(missing_ok=True)
+
+    def write_sheet(self) -> list[str]:
+        from pipeline.viz.mining import contact_sheet
+
+        pics = sorted(p for p in self.dir.glob("*.png") if not p.name.startswith("."))
+        made = ["viz/"] if pics else []
+        if self.n_sheet > 0 and pics and contact_sheet(pics[: self.n_sheet], self.sheet):
+            made.append("contact_sheet.png")
+        return made
 
 
-def _hit_fn(corloc):
-    def hit(rec, row):
-        if not rec.has_gt:
-            return None
-        res = corloc({rec.image_id: row["box"]}, [rec])
-        return None if res.total == 0 else res.hits == 1
-    return hit
-
-
-def finalize(cfg: DictConfig, stage_dir: Path, dataset, rows: list[dict], meta: dict, timer: Timer,
-             run_stats: dict) -> dict:
-    """Every shard is done: write pseudo_boxes.json, metrics.json, the contact sheet and the manifest."""
+def finalize(cfg: DictConfig, run: MiningRun, dataset, rows: list[dict], timer: Timer, run_stats: dict,
+             made: list[str]) -> dict:
+    """Every image has a row: write pseudo_boxes.json, metrics.json and the manifest."""
     from pipeline.artifacts import write_manifest
     from pipeline.evaluation.corloc import corloc
-    from pipeline.viz.mining import contact_sheet
+    from pipeline.evaluation.multi import multi_box_scores
 
-    info = meta["info"]
-    write_json(stage_dir / "pseudo_boxes.json", rows_to_coco(rows, info))
+    info, stage_dir = run.info, run.stage_dir
+    write_json(stage_dir / "pseudo_boxes.json", run.to_coco(rows))
     failures = [{"image_id": r["image_id"], "path": r["path"], "error": r["error"]} for r in rows if r["error"]]
-    metrics = {"images": len(rows), "boxes": sum(r["box"] is not None for r in rows),
+    n_boxes = sum(len(r["boxes"]) for r in rows)
+    metrics = {"images": len(rows), "boxes": n_boxes, "images_with_boxes": sum(bool(r["boxes"]) for r in rows),
                "failures": len(failures), "failed_images": failures, "method": info["method"],
-               "backbone": info["backbone"]["arch"], "random_init": info["random_init"],
-               "corloc": None, "corloc_hits": None, "corloc_total": None, **run_stats}
+               "backbone": info["backbone"]["arch"], "feature": info["feature"], "random_init": info["random_init"],
+               "corloc": None, "corloc_hits": None, "corloc_total": None, "multi_box": None, **run_stats}
     if dataset.has_gt:
-        res = corloc(predictions_from_rows(rows), dataset.records)
+        res = corloc(first_boxes(rows), dataset.records)
         metrics.update(corloc=res.corloc, corloc_hits=res.hits, corloc_total=res.total)
+        if any(len(r["boxes"]) > 1 for r in rows):
+            metrics["multi_box"] = multi_box_scores(all_boxes(rows), dataset.records).as_dict()
     write_json(stage_dir / "metrics.json", metrics)
-    n_sheet = int(cfg.viz.contact_sheet)
-    if n_sheet > 0:
-        pics = sorted(p for p in (stage_dir / "viz").glob("*.png") if not p.name.startswith("."))[:n_sheet]
-        contact_sheet(pics, stage_dir / "contact_sheet.png")
-    write_manifest(stage_dir, stage="mine", config=to_container(cfg), start_time=timer.start,
-                   end_time=time.time(), weights_sha256=info.get("weights_sha256"),
-                   extra={"num_shards": meta["num_shards"], "images": len(rows),
-                          "fingerprint": _fingerprint(cfg)})
+    _write_manifest(cfg, stage_dir, timer, info, len(rows))
+    _print_summary(stage_dir, metrics, ["pseudo_boxes.json", "metrics.json", "manifest.json", *made])
     return metrics
 
 
-def _print_summary(stage_dir: Path, metrics: dict) -> None:
+def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, info: dict, n_images: int) -> None:
+    from pipeline.artifacts import write_manifest
+
+    write_manifest(stage_dir, stage="mine", config=to_container(cfg), start_time=timer.start, end_time=time.time(),
+                   weights_sha256=info.get("weights_sha256"),
+                   extra={"num_shards": int(cfg.mine.num_shards), "images": n_images, "artifact": _artifact(cfg),
+                          "report": _report(cfg), "random_init": info["random_init"]})
+
+
+def _print_summary(stage_dir: Path, metrics: dict, made: list[str] | None) -> None:
+    """The stored metrics; ``made`` lists the files this run wrote (None: nothing was written)."""
     lines = [f"mine: {metrics['images']} images, {metrics['boxes']} boxes, {metrics['failures']} failed"]
-    if metrics.get("seconds"):
-        lines[0] += f", {metrics['seconds']:.1f} s ({metrics['images_per_s']:.2f} images/s this run)"
+    if made is not None and metrics.get("computed_this_run"):
+        lines[0] += (f"; this run mined {metrics['computed_this_run']} in {metrics['seconds']:.1f} s "
+                     f"({metrics['images_per_s']:.2f} images/s)")
+    tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if metrics["random_init"] else ""
     if metrics["corloc"] is not None:
-        tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if metrics["random_init"] else ""
-        lines.append(f"CorLoc: {metrics['corloc']:.2f} % ({metrics['corloc_hits']}/{metrics['corloc_total']}){tag}")
+        lines.append(f"CorLoc (first box): {metrics['corloc']:.2f} % ({metrics['corloc_hits']}/"
+                     f"{metrics['corloc_total']}){tag}")
+    mb = metrics.get("multi_box")
+    if mb and mb.get("object_recall") is not None:
+        lines.append(f"object recall @0.5: {mb['object_recall']:.2f} % ({mb['objects_covered']}/{mb['objects_total']}), "
+                     f"{mb['boxes_per_image']:.2f} boxes/image, any-box CorLoc (MOST's protocol, not CorLoc): "
+                     f"{mb['any_box_corloc']:.2f} %{tag}")
     for f in metrics["failed_images"][:10]:
         lines.append(f"  failed: {f['path']}: {f['error']}")
-    lines.append(f"artifacts: {stage_dir}/ (pseudo_boxes.json, metrics.json, manifest.json, viz/, contact_sheet.png)")
+    if made is None:
+        lines.append(f"artifacts: {stage_dir}/ (unchanged)")
+    else:
+        lines.append(f"artifacts: {stage_dir}/ ({', '.join(made)})")
     print("\n".join(lines), flush=True)
 
 
-def merge_only(cfg: DictConfig) -> dict | None:
-    timer = Timer()
-    stage_dir = Path(cfg.stage_dir)
-    n = int(cfg.mine.num_shards)
-    meta = read_json(meta_path_of(shard_journal_path(stage_dir / "results", 0, n)), "shard journal meta",
-                     hint=f"Run the {n} mining shards first (mine.num_shards={n}).")
-    dataset = build_dataset_from_cfg(cfg)
-    rows = collect_shards(stage_dir / "results", len(dataset), n, meta)
+def _merge_only(cfg: DictConfig, dataset, timer: Timer) -> dict:
+    run = MiningRun.from_results(Path(cfg.stage_dir), int(cfg.mine.num_shards))
+    rows = run.collect(dataset.records)
     if rows is None:
-        raise SystemExit(f"not every shard of {stage_dir}/results is complete yet; run the missing shards "
-                         f"(mine.shard=I mine.num_shards={n}) and merge again.")
-    metrics = finalize(cfg, stage_dir, dataset, rows, meta, timer, {})
-    _print_summary(stage_dir, metrics)
-    return metrics
+        raise SystemExit(f"not every shard of {run.results_dir} is complete yet; run the missing shards "
+                         f"(mine.shard=I mine.num_shards={run.num_shards}) and merge again.")
+    return finalize(cfg, run, dataset, rows, timer, {}, [])
 
 
 def run(cfg: DictConfig) -> dict | None:
-    if cfg.mine.get("merge_only", False):
-        return merge_only(cfg)
-    from pipeline.data import load_image
-    from pipeline.evaluation.corloc import corloc
-    from pipeline.viz.mining import draw_mining, save_png
+    from pipeline.discovery import build_miner
 
     timer = Timer()
-    device = resolve_device(cfg.device)
     stage_dir = Path(cfg.stage_dir)
-    shard, n_shards = int(cfg.mine.shard), int(cfg.mine.num_shards)
-    fingerprint = _fingerprint(cfg)
-    if not cfg.mine.force and up_to_date(stage_dir, fingerprint, ("pseudo_boxes.json", "metrics.json")):
-        metrics = read_json(stage_dir / "metrics.json")
-        # backbone.init=auto that fell back to random weights: look for the weights again
-        if not (cfg.backbone.init == "auto" and metrics.get("random_init")):
-            print(f"mine: {stage_dir} is up to date (same config, complete); FORCE=1 (mine.force=true) redoes it.")
-            _print_summary(stage_dir, metrics)
-            return metrics
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
+    if cfg.mine.merge_only:
+        return _merge_only(cfg, dataset, timer)
+    plan = plan_rerun(stage_dir, stage="mine", artifact=_artifact(cfg), report=_report(cfg), outputs=OUTPUTS,
+                      force=bool(cfg.force))
+    metrics = read_json(stage_dir / "metrics.json") if plan.action != "run" else None
+    if metrics is not None and cfg.backbone.init == "auto" and metrics.get("random_init"):
+        plan = Rerun("run")  # backbone.init=auto fell back to random weights last time: look for them again
+
+    device = resolve_device(cfg.device)
     backbone = build_backbone_from_cfg(cfg, device)
-    meta = _journal_meta(_info(cfg, backbone.describe(), image_root(dataset.records)), len(dataset), n_shards)
-    journal_path = shard_journal_path(stage_dir / "results", shard, n_shards)
-    if cfg.mine.force:
-        discard_journal(journal_path)
-        for name in ("pseudo_boxes.json", "metrics.json", "manifest.json"):
+    info = _info(cfg, backbone.describe(), image_root(dataset.records))
+    run = MiningRun(stage_dir, info, shard=int(cfg.mine.shard), num_shards=int(cfg.mine.num_shards))
+    if cfg.force:
+        run.discard()
+        for name in (*OUTPUTS, "manifest.json"):
             (stage_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(stage_dir / "viz", ignore_errors=True)
-    journal = Journal(journal_path, meta)
-    if n_shards == 1:  # a killed run may have left half-written temp files (shards may be writing theirs)
-        for d in (stage_dir, stage_dir / "viz"):
+    todo = run.pending(dataset.records)
+    miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
+    pictures = Pictures(cfg, stage_dir, backbone, info["random_init"])
+
+    if plan.action != "run" and not todo:
+        if plan.action == "skip":
+            print(f"mine: {stage_dir} is up to date (same config, every image mined); FORCE=1 redoes it.")
+            _print_summary(stage_dir, metrics, None)
+            return metrics
+        print(f"mine: only report settings changed ({'; '.join(plan.report_changes)}): redrawing the pictures; "
+              "the boxes are unchanged.", flush=True)
+        pictures.clear()
+        first = list(range(min(pictures.n, len(dataset))))
+        mine_images(dataset, backbone, miner, first, record=None, feature=str(cfg.backbone.feature),
+                    num_workers=0, device=device, progress=False, on_result=pictures)
+        made = pictures.write_sheet()
+        _write_manifest(cfg, stage_dir, timer, info, len(dataset))
+        _print_summary(stage_dir, metrics, ["manifest.json", *made])
+        return metrics
+
+    run.journal  # noqa: B018 - opening it checks that earlier results came from this configuration
+    if run.num_shards == 1:  # a killed run may have left half-written temp files (shards may be writing theirs)
+        for d in (stage_dir, pictures.dir):
             remove_stale_temps(d)
-
-    n_viz = int(cfg.viz.num_images)
-
-    def picture(index, rec, result, row):
-        if index >= n_viz:
-            return
-        img = load_image(rec.path)
-        title = f"{rec.image_id}  {cfg.miner.name}" + ("  RANDOM WEIGHTS" if meta["info"]["random_init"] else "")
-        pic = draw_mining(img, result, backbone.patch_size, rec.boxes if rec.has_gt else None, title)
-        save_png(pic, stage_dir / "viz" / f"{index:06d}_{Path(rec.image_id).stem}.png")
-
-    stats = mine_images(dataset, backbone, miner=str(cfg.miner.name), miner_params=_miner_params(cfg),
-                        feature=str(cfg.backbone.feature), journal=journal, shard=shard, num_shards=n_shards,
+        if plan.action != "run" or cfg.force:
+            pictures.clear()
+    stats = mine_images(dataset, backbone, miner, todo, record=run.record, feature=str(cfg.backbone.feature),
                         num_workers=int(cfg.num_workers), device=device, progress=bool(cfg.progress),
-                        on_result=picture, hit_fn=_hit_fn(corloc))
+                        on_result=pictures, hit_fn=_hit)
+    resumed = len(shard_indices(len(dataset), run.shard, run.num_shards)) - len(todo)
     run_stats = {"seconds": round(stats.seconds, 3), "images_per_s": round(stats.images_per_s, 3),
-                 "computed_this_run": stats.computed, "resumed": stats.resumed}
-    if stats.resumed:
-        print(f"resumed: {stats.resumed} images already mined in {journal_path}, {stats.computed} computed now")
-    rows = collect_shards(stage_dir / "results", len(dataset), n_shards, meta)
+                 "computed_this_run": stats.computed, "resumed": resumed}
+    if resumed:
+        print(f"resumed: {resumed} images already mined in {run.journal_path}, {stats.computed} computed now")
+    rows = run.collect(dataset.records)
     if rows is None:
-        print(f"shard {shard}/{n_shards} done ({stats.computed} images mined). Waiting for the other shards; "
-              f"`make merge` merges them when all are done.", flush=True)
+        print(f"shard {run.shard}/{run.num_shards} done ({stats.computed} images mined). Waiting for the other "
+              f"shards; `make merge` merges them when all are done.", flush=True)
         return None
     if not cfg.mine.merge:
         return None
-    metrics = finalize(cfg, stage_dir, dataset, rows, meta, timer, run_stats)
-    _print_summary(stage_dir, metrics)
-    return metrics
+    return finalize(cfg, run, dataset, rows, timer, run_stats, pictures.write_sheet())
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="mine")
+@stage_main("mine")
 def main(cfg: DictConfig) -> None:
     run_guarded(run, cfg)
 

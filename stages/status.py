@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from pipeline.status import format_status, pipeline_status
+from stages.config import stage_main
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="status")
+@stage_main("status")
 def main(cfg: DictConfig) -> None:
-    root = Path(cfg.paths.output_root) / str(cfg.dataset.name) / str(cfg.backbone.name)
+    root = Path(cfg.base_dir)
     print(f"{cfg.dataset.name} / {cfg.backbone.name}  ({root})")
     print(format_status(pipeline_status(root)))
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
+from stages.config import stage_main
 from stages.common import run_guarded
 from stages.train_common import run_training
 
@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict | None:
                         class_agnostic=True, fingerprint_keys=FINGERPRINT)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_cag")
+@stage_main("train_cag")
 def main(cfg: DictConfig) -> None:
     run_guarded(run, cfg)
 

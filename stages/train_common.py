@@ -20,14 +20,15 @@ from pipeline.artifacts import ArtifactError, read_coco_boxes, read_json, write_
 from stages.common import (Timer, build_dataset_from_cfg, coco_image_root, config_fingerprint,
                            export_submitit_distributed_env, resolve_device, to_container, up_to_date, warn_random)
 
-_SIZE_KEYS = ("min_size", "max_size", "test_min_size", "batch_size_per_image", "rpn_batch_size_per_image", "rpn_topk")
 STAGE_FILES = ("model.pt", "metrics.jsonl", "metrics.json", "detections.json", "manifest.json")
 
 
 def detector_build_kwargs(cfg: DictConfig, num_classes: int) -> dict:
-    """``build_detector`` arguments: the detector config with the schedule's non-null size/RoI overrides."""
-    d, s = cfg.detector, cfg.schedule
-    pick = {k: (s.get(k) if s.get(k) is not None else d.get(k)) for k in _SIZE_KEYS}
+    """``build_detector`` arguments from the detector config (``schedule=smoke`` shrinks its sizes by a Hydra
+    override of the detector keys)."""
+    d = cfg.detector
+    pick = {k: d[k] for k in ("min_size", "max_size", "test_min_size", "batch_size_per_image",
+                              "rpn_batch_size_per_image", "rpn_topk")}
     sizes = pick["min_size"]
     init = str(d.init)
     return {"preset": str(d.preset), "num_classes": int(num_classes), "init": init,

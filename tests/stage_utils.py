@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import stages.config  # noqa: F401  (registers the config schemas)
 from hydra import compose, initialize_config_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

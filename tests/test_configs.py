@@ -17,7 +17,7 @@ def test_experiment_composes(name):
     assert cfg.miner.name == method and cfg.dataset.name == dataset
     arch = name.split("_")[2] if name.count("_") == 2 else "vits16"
     assert cfg.backbone.arch == f"dino_{arch}"
-    assert cfg.stage_dir.endswith(f"{dataset}/dino_{arch}/{cfg.miner.stage}")
+    assert cfg.stage_dir.endswith(f"{dataset}/dino_{arch}/" + ("mine" if method == "lost" else f"mine_{method}"))
 
 
 def test_env_vars_override_paths(monkeypatch):

@@ -200,8 +200,10 @@ def test_bad_input_raises_clear_error(kwargs, match):
 def test_run_miner_lost_uses_first_image_and_config_file():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/miner/lost.yaml"))
-    assert cfg == {"name": "lost", "stage": "mine", "k_patches": 100}
+    from stage_utils import compose_cfg
+
+    cfg = OmegaConf.to_container(compose_cfg("mine", ["miner=lost"]).miner)
+    assert cfg == {"name": "lost", "k_patches": 100}  # algorithm parameters only
     F = torch.ones(2, 12, 1)
     F[0, [6, 7, 11]] = -1
     fo = SimpleNamespace(feats=F, dims=(3, 4), cls_attn=None)

@@ -88,7 +88,7 @@ def test_rerun_is_up_to_date_and_force_redoes(tmp_path, capsys):
     again = _run_inprocess(tmp_path, src)
     assert "is up to date" in capsys.readouterr().out
     assert again == first
-    forced = _run_inprocess(tmp_path, src, "mine.force=true")
+    forced = _run_inprocess(tmp_path, src, "force=true")
     assert forced["computed_this_run"] == 2
 
 

@@ -102,11 +102,84 @@ def test_resume_skips_done_images_and_config_change_is_refused(tmp_path):
     assert again["resumed"] == 2 and again["computed_this_run"] == 4
     assert not stale.exists() and (stage / "contact_sheet.png").is_file()
     assert (stage / "pseudo_boxes.json").read_bytes() == reference
-    from pipeline.journal import JournalMismatch
-    with pytest.raises(JournalMismatch, match="FORCE=1"):
+    from pipeline.rerun import RerunRefused
+    with pytest.raises(RerunRefused, match=r"miner.k_patches: 100 -> 50.*FORCE=1"):
         _mine(tmp_path, *folder, "miner.k_patches=50")
-    _, forced = _mine(tmp_path, *folder, "miner.k_patches=50", "mine.force=true")
+    assert (stage / "pseudo_boxes.json").read_bytes() == reference
+    _, forced = _mine(tmp_path, *folder, "miner.k_patches=50", "force=true")
     assert forced["computed_this_run"] == 6
+
+
+def test_partial_results_of_another_config_are_refused(tmp_path):
+    from pipeline.journal import JournalMismatch
+
+    src = _folder(tmp_path, 3)
+    folder = ["dataset=folder", f"dataset.root={src}", "viz.num_images=0"]
+    _mine(tmp_path, *folder)
+    stage = tmp_path / "folder" / "dino_vits16" / "mine"
+    (stage / "pseudo_boxes.json").unlink()      # as if killed before the merge
+    with pytest.raises(JournalMismatch, match="k_patches"):
+        _mine(tmp_path, *folder, "miner.k_patches=50")
+
+
+def test_report_only_rerun_redraws_pictures_and_keeps_boxes(tmp_path, capsys):
+    src = _folder(tmp_path, 4)
+    folder = ["dataset=folder", f"dataset.root={src}"]
+    _mine(tmp_path, *folder, "viz.num_images=1")
+    stage = tmp_path / "folder" / "dino_vits16" / "mine"
+    boxes, journal = (stage / "pseudo_boxes.json").read_bytes(), (stage / "results").iterdir().__next__().read_bytes()
+    assert len(list((stage / "viz").glob("*.png"))) == 1
+    capsys.readouterr()
+    _, again = _mine(tmp_path, *folder, "viz.num_images=3")
+    out = capsys.readouterr().out
+    assert "only report settings changed" in out and "viz.num_images: 1 -> 3" in out
+    assert len(list((stage / "viz").glob("*.png"))) == 3
+    assert (stage / "pseudo_boxes.json").read_bytes() == boxes
+    assert (stage / "results").iterdir().__next__().read_bytes() == journal  # nothing re-mined
+    _, third = _mine(tmp_path, *folder, "viz.num_images=3")
+    assert "is up to date" in capsys.readouterr().out and third == again
+
+
+def test_grown_run_mines_only_new_images_and_retries_failures(tmp_path):
+    src = _folder(tmp_path, 5)
+    good = (src / "im0.png").read_bytes()
+    (src / "im9.png").write_bytes(good[: len(good) // 3])           # corrupt: fails
+    folder = ["dataset=folder", f"dataset.root={src}", "viz.num_images=0"]
+    _, first = _mine(tmp_path, *folder, "dataset.max_images=4")
+    assert first["computed_this_run"] == 4 and first["images"] == 4
+    _, grown = _mine(tmp_path, *folder)                              # 6 images: 2 new (one corrupt)
+    assert grown["computed_this_run"] == 2 and grown["images"] == 6 and grown["failures"] == 1
+    (src / "im9.png").write_bytes(good)                              # the user fixes the file
+    _, fixed = _mine(tmp_path, *folder)
+    assert fixed["computed_this_run"] == 1 and fixed["failures"] == 0 and fixed["boxes"] == 6
+
+
+def test_absolute_and_relative_data_paths_are_one_configuration(tmp_path, monkeypatch, capsys):
+    src = _folder(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)
+    _mine(tmp_path, "dataset=folder", f"dataset.root={src}", "viz.num_images=0")
+    capsys.readouterr()
+    _mine(tmp_path, "dataset=folder", "dataset.root=imgs", "viz.num_images=0")
+    assert "is up to date" in capsys.readouterr().out
+
+
+def test_feature_q_writes_its_own_folder(tmp_path):
+    src = _folder(tmp_path, 2)
+    cfg, _ = _mine(tmp_path, "dataset=folder", f"dataset.root={src}", "viz.num_images=0", "backbone.feature=q")
+    assert cfg.stage_dir.endswith("/mine_q") and (tmp_path / "folder/dino_vits16/mine_q/pseudo_boxes.json").is_file()
+
+
+def test_misspelled_key_names_the_nearest(tmp_path):
+    proc = run_cli("stages.mine", ["miner.k_patch=50", f"paths.output_root={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "'miner.k_patches'" in proc.stderr
+    proc = run_cli("stages.mine", ["miner=dinoseg", "miner.k_patches=50", f"paths.output_root={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "miner.k_patches" in proc.stderr
+
+
+def test_bad_device_is_one_clear_line(tmp_path):
+    proc = run_cli("stages.mine", ["device=gpu", f"paths.output_root={tmp_path}", *FAST], check=False)
+    assert proc.returncode != 0 and "error: device=gpu" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_bad_root_is_one_clear_line(tmp_path):

@@ -1,0 +1,139 @@
+"""One interface for every object-discovery method ("miner").
+
+A miner is built once from its parameters (validated then, not per image) by :func:`build_miner`. It
+declares what it needs from the backbone (:class:`Needs`) and maps the features of ONE image and its
+unpadded size to a result whose ``boxes`` (rank order, rank 0 first) and ``scores`` go into the
+pseudo-box file; the rest of the result (seed, masks, eigenvectors...) is for pictures.
+
+Adding a miner: a module with the algorithm (features in, result out, no I/O), a subclass of
+:class:`Miner` registered in :data:`MINERS` below, ``conf/miner/<name>.yaml`` (and its schema in
+``stages/config.py``), and tests. Nothing else names an algorithm.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from pipeline.discovery.dinoseg import dinoseg
+from pipeline.discovery.lost import lost
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a miner reads from the backbone: the patch features (``backbone.feature``: k, q, v or tokens)
+    and/or the last block's CLS attention."""
+
+    features: bool = True
+    cls_attn: bool = False
+
+
+@dataclass(frozen=True)
+class MinedBox:
+    box: tuple[float, float, float, float]   # xyxy pixels of the original image, x2/y2 exclusive
+    score: float
+    rank: int
+
+
+class Miner:
+    """Base class: subclasses set ``name``, ``needs``, ``fn`` (the algorithm) and which ``fn`` argument takes
+    the backbone output (``input``: "feats" or "cls_attn")."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Needs] = Needs()
+    input: ClassVar[str] = "feats"
+    fn: ClassVar[Callable[..., Any]]
+
+    def __init__(self, patch_size: int, /, **params: Any) -> None:
+        if isinstance(patch_size, bool) or int(patch_size) != patch_size or int(patch_size) < 1:
+            raise ValueError(f"{self.name}: patch_size must be a positive integer, got {patch_size!r}")
+        allowed = self.parameters()
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(f"miner {self.name}: unknown parameter(s) {unknown}; accepted: {sorted(allowed)}")
+        self.patch_size = int(patch_size)
+        self.params = {**allowed, **params}
+        self.validate()
+
+    @classmethod
+    def parameters(cls) -> dict[str, Any]:
+        """The algorithm's own parameters and their defaults (everything but the inputs)."""
+        skip = {"feats", "cls_attn", "dims", "patch_size", "image_size"}
+        sig = inspect.signature(cls.fn)
+        return {k: p.default for k, p in sig.parameters.items() if k not in skip}
+
+    def validate(self) -> None:
+        """Check the parameters once (raise ValueError naming the parameter)."""
+
+    def __call__(self, output, image_size, index: int = 0):
+        """Mine image ``index`` of a backbone :class:`~pipeline.backbones.FeatureOutput`."""
+        if self.input == "cls_attn":
+            data = getattr(output, "cls_attn", None)
+            if data is None:
+                raise ValueError(f"miner '{self.name}' needs the CLS attention of the last block, but the backbone "
+                                 "returned none (cls_attn is None); use a DINO ViT backbone and ask it for CLS "
+                                 "attention, or use miner=lost")
+        else:
+            data = output.feats
+        return type(self).fn(data[index], output.dims, patch_size=self.patch_size, image_size=image_size,
+                             **self.params)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+
+
+def _positive_int(miner: str, key: str, value) -> None:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{miner}: {key} must be a positive integer, got {value!r}")
+
+
+def boxes_of(result) -> list[MinedBox]:
+    """The ranked boxes of any miner result: ``result.boxes``/``scores`` when it has several, else its
+    ``box``/``score``."""
+    boxes = getattr(result, "boxes", None)
+    if boxes is None:
+        boxes, scores = [result.box], [result.score]
+    else:
+        scores = result.scores
+    return [MinedBox(tuple(float(v) for v in np.asarray(b, dtype=np.float64).reshape(4)), float(s), r)
+            for r, (b, s) in enumerate(zip(boxes, scores))]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+class LostMiner(Miner):
+    name = "lost"
+    fn = staticmethod(lost)
+
+    def validate(self) -> None:
+        _positive_int("lost", "k_patches", self.params["k_patches"])
+
+
+class DinoSegMiner(Miner):
+    name = "dinoseg"
+    needs = Needs(features=False, cls_attn=True)
+    input = "cls_attn"
+    fn = staticmethod(dinoseg)
+
+    def validate(self) -> None:
+        head = self.params["head"]
+        if isinstance(head, bool) or int(head) != head or head < 0:
+            raise ValueError(f"dinoseg: head must be a head index >= 0, got {head!r}")
+        if not 0 < float(self.params["mass"]) <= 1:
+            raise ValueError(f"dinoseg: mass must be in (0, 1], got {self.params['mass']!r}")
+
+
+MINERS: dict[str, type[Miner]] = {m.name: m for m in (LostMiner, DinoSegMiner)}
+
+
+def build_miner(name: str, patch_size: int, /, **params: Any) -> Miner:
+    """The miner ``name`` with its parameters checked once; ``params`` may hold a ``name`` equal to ``name``
+    (so a whole miner config can be splatted in)."""
+    if name not in MINERS:
+        raise ValueError(f"unknown miner {name!r}; known miners: {sorted(MINERS)} (set miner=<name>)")
+    params = dict(params)
+    other = params.pop("name", name)
+    if other != name:
+        raise ValueError(f"build_miner: params name {other!r} disagrees with miner {name!r}")
+    return MINERS[name](patch_size, **params)

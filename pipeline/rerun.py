@@ -1,0 +1,91 @@
+"""What a rerun of a stage may do with the results already in its directory.
+
+Every stage splits its settings in two: what decides the *artifact* (data, input file hashes, backbone,
+miner, detector, schedule, seeds) and what only decides the *report* (pictures, evaluation, progress,
+workers). Both are recorded in the stage's ``manifest.json``. On a rerun of a complete stage:
+
+- same artifact and report settings: nothing to do (``skip``), like make;
+- same artifact settings, other report settings: redo only the report (pictures, evaluation) on the
+  existing artifact, which is left byte-identical (``report``);
+- other artifact settings: refuse with :class:`RerunRefused`, naming the changed keys, unless forced.
+
+``force`` always means: replace the results (``run``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.artifacts import ArtifactError
+
+
+class RerunRefused(ArtifactError):
+    """A rerun would replace finished results with results of another configuration."""
+
+
+def diff_values(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two JSON values (dotted keys)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += diff_values(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    if old == new:
+        return []
+    short = lambda v: (json.dumps(v, default=str) if not isinstance(v, str) else v)[:60]  # noqa: E731
+    return [f"{prefix.rstrip('.') or '<root>'}: {short(old)} -> {short(new)}"]
+
+
+def format_changes(changes: Sequence[str], most: int = 6) -> str:
+    more = f"; and {len(changes) - most} more" if len(changes) > most else ""
+    return "; ".join(changes[:most]) + more
+
+
+@dataclass(frozen=True)
+class Rerun:
+    action: str                   # run | report | skip
+    report_changes: tuple[str, ...] = ()
+
+
+def plan_rerun(stage_dir: str | os.PathLike, *, stage: str, artifact: dict, report: dict,
+               outputs: Sequence[str], force: bool) -> Rerun:
+    """Decide what a run of ``stage`` does in ``stage_dir`` (see the module docstring).
+
+    ``artifact`` and ``report`` are JSON-able dicts of the settings (input hashes included in
+    ``artifact``). A stage whose ``outputs`` are not all there has no finished results: ``run`` (the
+    stage's own journal or checkpoint decides whether it resumes)."""
+    stage_dir = Path(stage_dir)
+    if force:
+        return Rerun("run")
+    man_path = stage_dir / "manifest.json"
+    if not man_path.is_file() or not all((stage_dir / o).is_file() for o in outputs):
+        return Rerun("run")
+    try:
+        man = json.loads(man_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        man = {}
+    artifact, report = _canonical(artifact), _canonical(report)
+    if "artifact" not in man:
+        raise RerunRefused(f"{stage}: {stage_dir} holds results whose settings are not recorded (an older version "
+                           "or a damaged manifest.json); rerun with FORCE=1 (force=true) to replace them.")
+    changed = diff_values(man["artifact"], artifact)
+    if changed:
+        raise RerunRefused(f"{stage}: {stage_dir} holds finished results of a different configuration (changed: "
+                           f"{format_changes(changed)}). Rerun with FORCE=1 (force=true) to replace them, or restore "
+                           "those settings.")
+    report_changes = diff_values(man.get("report"), report)
+    return Rerun("report", tuple(report_changes)) if report_changes else Rerun("skip")
+
+
+def _canonical(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def input_hashes(**paths: str | os.PathLike | None) -> dict:
+    """``{name: sha256}`` of input files (None for an absent path), for the ``artifact`` settings."""
+    from pipeline.artifacts import sha256_file
+
+    return {k: (sha256_file(p) if p is not None and Path(p).is_file() else None) for k, p in paths.items()}

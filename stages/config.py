@@ -1,0 +1,334 @@
+"""The config schema: dataclasses registered in Hydra's ConfigStore, one per config group entry and one for
+the shared top level (``conf/pipeline.yaml``), so that every key is typed and a misspelled key is an error.
+
+The YAML files under ``conf/`` hold the values; each starts from its schema here (``defaults: [<name>_schema]``).
+``stage_main`` is the entry point every stage uses instead of ``hydra.main``: before Hydra composes the
+config it checks the command-line keys and answers a misspelled one with a single ``error:`` line that
+names the nearest valid key (Hydra alone would say "Key 'k_patch' is not in struct").
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("paths", "dataset", "backbone", "miner", "detector", "schedule")
+
+
+# ---------------------------------------------------------------------------------------------- groups
+@dataclass
+class PathsConf:
+    data_root: str = MISSING
+    weights_dir: str = MISSING
+    output_root: str = MISSING
+
+
+@dataclass
+class DatasetConf:
+    name: str = MISSING
+    kind: str = MISSING
+    root: str = ""
+    image_set: Optional[str] = None
+    ann_file: Optional[str] = None
+    image_dir: Optional[str] = None
+    list_file: Optional[str] = None
+    max_images: Optional[int] = None
+
+
+@dataclass
+class BackboneConf:
+    name: str = MISSING
+    arch: str = MISSING
+    init: str = "pretrained"
+    weights: Optional[str] = None
+    seed: int = 0
+    feature: str = "k"
+
+
+@dataclass
+class LostConf:
+    name: str = "lost"
+    k_patches: int = 100
+
+
+@dataclass
+class DinoSegConf:
+    name: str = "dinoseg"
+    head: int = 4
+    mass: float = 0.6
+
+
+@dataclass
+class TokenCutConf:
+    name: str = "tokencut"
+    tau: float = 0.2
+    eps: float = 1e-5
+
+
+@dataclass
+class MaskCutConf:
+    name: str = "maskcut"
+    num_objects: int = 3
+    tau: float = 0.15
+    eps: float = 1e-5
+    image_size: Optional[int] = None
+
+
+MINER_SCHEMAS = {"lost": LostConf, "dinoseg": DinoSegConf, "tokencut": TokenCutConf, "maskcut": MaskCutConf}
+
+
+@dataclass
+class DetectorConf:
+    name: str = MISSING
+    preset: str = MISSING
+    init: str = MISSING
+    weights: Optional[str] = None
+    min_size: Any = MISSING                  # one shorter side, or a list (multi-scale training)
+    max_size: int = MISSING
+    test_min_size: Optional[int] = None
+    nms: float = 0.4
+    score_thresh: float = 0.01
+    batch_size_per_image: int = 512
+    rpn_batch_size_per_image: int = 256
+    rpn_topk: Optional[List[int]] = None
+    detections_per_img: int = 100
+    norm: Optional[str] = None
+
+
+@dataclass
+class ScheduleConf:
+    name: str = MISSING
+    iterations: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 0
+    warmup_factor: float = 1e-3
+    steps: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    checkpoint_period: int = 2000
+    log_period: int = 20
+    amp: bool = True
+    clip_grad: Optional[float] = None
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclass
+class MineConf:
+    shard: int = 0
+    num_shards: int = 1
+    merge: bool = True
+    merge_only: bool = False
+
+
+@dataclass
+class ClusterConf:
+    source: str = "lost"
+    boxes: Optional[str] = None
+    score_threshold: float = 0.5
+    k: int = 20
+    seed: int = 0
+    n_init: int = 10
+    iters: int = 20
+    whiten: bool = True
+    l2_normalize: bool = True
+    batch_size: int = 32
+    short_side: int = 256
+    max_size: Optional[int] = None
+    run_name: str = MISSING
+
+
+@dataclass
+class TrainCagConf:
+    boxes: Optional[str] = None
+    image_root: Optional[str] = None
+    min_box_size: float = 1.0
+    resume: bool = False
+    stop_after: Optional[int] = None
+
+
+@dataclass
+class TrainCadConf:
+    cluster_run: str = MISSING
+    labels: Optional[str] = None
+    image_root: Optional[str] = None
+    min_box_size: float = 1.0
+    resume: bool = False
+    stop_after: Optional[int] = None
+
+
+@dataclass
+class EvalConf:
+    enabled: bool = True
+    batch_size: int = 2
+    voc_difficult: str = "remove"
+
+
+@dataclass
+class EvaluateCagConf:
+    model: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class EvaluateCadConf:
+    model: str = MISSING
+    detections: Optional[str] = None
+    gt: Optional[str] = None
+    num_clusters: Optional[int] = None
+    iou_thresholds: List[float] = field(default_factory=list)
+
+
+@dataclass
+class VizConf:
+    num_images: int = 12
+    contact_sheet: int = 12
+    min_score: float = 0.3
+    gallery_size: int = 16
+    thumb: int = 96
+
+
+@dataclass
+class PipelineConf:
+    """The shared top level (conf/pipeline.yaml); every stage composes all of it, so one ARGS serves a chain."""
+    paths: Any = MISSING
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    miner: Any = MISSING
+    detector: Any = MISSING
+    schedule: Any = MISSING
+    device: str = "auto"
+    num_workers: int = 2
+    progress: bool = True
+    force: bool = False
+    seed: int = 0
+    mine: MineConf = field(default_factory=MineConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    train_cag: TrainCagConf = field(default_factory=TrainCagConf)
+    train_cad: TrainCadConf = field(default_factory=TrainCadConf)
+    evaluate_cag: EvaluateCagConf = field(default_factory=EvaluateCagConf)
+    evaluate_cad: EvaluateCadConf = field(default_factory=EvaluateCadConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    viz: VizConf = field(default_factory=VizConf)
+    base_dir: str = MISSING
+    dirs: Any = MISSING
+    inputs: Any = MISSING
+    stage_dir: Optional[str] = None
+
+
+def mine_dir(miner: str, feature: str = "k") -> str:
+    """The mine stage's directory name: ``mine`` for LOST on keys (the paper's setting), else
+    ``mine_<miner>`` and ``_<feature>`` for a feature other than keys, so settings that change the boxes
+    never share (and overwrite) one folder. The only place that decides it (``${dirs.mine}``)."""
+    name = "mine" if miner == "lost" else f"mine_{miner}"
+    return name if feature == "k" else f"{name}_{feature}"
+
+
+def register() -> None:
+    """Put the schemas into Hydra's ConfigStore and the ``mine_dir`` resolver into OmegaConf (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="pipeline_schema", node=PipelineConf)
+    for group, node in (("paths", PathsConf), ("dataset", DatasetConf), ("backbone", BackboneConf),
+                        ("detector", DetectorConf), ("schedule", ScheduleConf)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    for name, node in MINER_SCHEMAS.items():
+        cs.store(group="miner", name=f"{name}_schema", node=node)
+    if not OmegaConf.has_resolver("mine_dir"):
+        OmegaConf.register_new_resolver("mine_dir", mine_dir)
+
+
+register()
+
+
+# ---------------------------------------------------------------------------------------------- CLI keys
+def _plain_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(group choices for composing, dotted ``key=value`` overrides to check) of a command line; sweeps
+    keep their first value, Hydra's own flags and keys are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cand = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(cand)
+    except Exception:  # noqa: BLE001 - malformed: Hydra will say so itself
+        return [], []
+    groups, keys = [], []
+    for ov, raw in zip(parsed, cand):
+        key = ov.key_or_group
+        if key.startswith("hydra") or ov.is_delete() or ov.is_add() or ov.package:
+            if ov.is_add() and "experiment" in key:
+                groups.append(raw.split(",")[0])
+            continue
+        value = raw.split("=", 1)[1]
+        if key in GROUPS or "/" in key:
+            groups.append(f"{key}={value.split(',')[0]}")
+        else:
+            keys.append((key, raw))
+    return groups, keys
+
+
+def nearest_key(cfg: DictConfig, dotted: str) -> str | None:
+    """The valid key closest to a misspelled ``dotted`` key (same parent), or None."""
+    parent, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return None
+    keys = [str(k) for k in node.keys()]
+    match = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.5)
+    return f"{parent + '.' if parent else ''}{match[0]}" if match else None
+
+
+def unknown_keys(config_name: str, args: list[str]) -> list[str]:
+    """One message per command-line key that the composed config does not have."""
+    from hydra import compose, initialize_config_dir
+
+    groups, keys = _plain_overrides(args)
+    if not keys:
+        return []
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:  # noqa: BLE001 - a bad group choice: Hydra's own message lists the options
+        return []
+    out = []
+    for key, raw in keys:
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if parent and not isinstance(node, DictConfig):
+            out.append(f"unknown config key {key!r} in {raw!r}: {parent!r} is not a section")
+            continue
+        if isinstance(node, DictConfig) and key.rpartition(".")[2] in node:
+            continue
+        near = nearest_key(cfg, key)
+        hint = f"did you mean {near!r}?" if near else f"valid keys of {parent or 'the top level'}: " + \
+            ", ".join(str(k) for k in (node.keys() if isinstance(node, DictConfig) else []))
+        out.append(f"unknown config key {key!r} in {raw!r}; {hint} (`+{raw}` adds a new key on purpose)")
+    return out
+
+
+def stage_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
+    """``@stage_main("mine")`` = ``@hydra.main(config_path="../conf", config_name="mine")`` plus the check of
+    command-line keys (a misspelled key is one ``error:`` line naming the nearest valid key, exit 2)."""
+    import hydra
+
+    def wrap(fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
+        hydra_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)
+
+        def main() -> None:
+            errors = unknown_keys(config_name, sys.argv[1:])
+            if errors:
+                for e in errors:
+                    print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(2)
+            hydra_fn()
+
+        main.__doc__ = fn.__doc__
+        return main
+
+    return wrap
