@@ -94,7 +94,9 @@ class CutResult:
     eigenvector of the first cut, sign-oriented so the first object's side is the ``bipartition`` side;
     ``bipartition``: (h, w) bool, the first cut's foreground side; ``eigvals``: (2,) float64
     ``(λ₂, λ₃)`` of the first cut (NaN when not solved); ``degenerate``: True for the whole-image
-    fallback. ``box``, ``score`` and ``mask`` are the first box's.
+    fallback; ``stop``: MaskCut only, why its loop ended (``"num_objects"``, ``"degenerate"``,
+    ``"overlap"``, ``"small"``, ``"empty"``; see :mod:`pipeline.discovery.maskcut`), ``""`` for TokenCut.
+    ``box``, ``score`` and ``mask`` are the first box's.
     """
 
     boxes: list[np.ndarray]
@@ -106,6 +108,7 @@ class CutResult:
     seeds: list[int] = field(default_factory=list)
     eigvals: np.ndarray = field(default_factory=lambda: np.full(2, np.nan))
     degenerate: bool = False
+    stop: str = ""
 
     @property
     def box(self) -> np.ndarray:
