@@ -11,11 +11,18 @@ here. Each stage ``t = 0, 1, ...``:
 2. Same graph and solve as TokenCut (:mod:`pipeline.discovery.tokencut`): binary ``W`` (1 where the
    float32 cosine ``> tau``, else ``eps``), second-smallest eigenvector ``v`` of
    ``(D - W) x = λ D x`` via ``scipy.linalg.eigh(D - W, D, subset_by_index=[1, 2])``.
-3. ``bipartition = v > sum(v) / N``. Foreground side: the side is reversed (``v = -v``,
-   ``bipartition = logical_not(bipartition)``) when the bipartition holds 3 or 4 of the 4 grid corners
-   (object-centric prior: the foreground holds at most 2 corners), otherwise when the patch of maximum
-   ``|v|`` (first on ties) is not in it. The seed is then ``argmax v`` of the oriented ``v`` (MaskCut
-   recomputes it after orienting; TokenCut keeps ``argmax |v|``); it is always in the foreground.
+3. ``bipartition = v > sum(v) / N``. Foreground side (:func:`orient_maskcut`): the side holding the
+   patch of maximum ``|v|`` (first on ties), as in TokenCut; reversed (``v = -v``,
+   ``bipartition = logical_not(bipartition)``) when that side holds 3 or 4 of the 4 grid corners
+   (object-centric prior: the foreground holds at most 2 corners). The seed is then ``argmax v`` of the
+   oriented ``v`` (MaskCut recomputes it after orienting; TokenCut keeps ``argmax |v|``); it is always
+   in the foreground. Deviation: the implementation applies the corner check to the raw ``v > mean``
+   side *before* the seed rule (reverse if it has >= 3 corners, else take the seed's side). That equals
+   the rule here whenever the raw side holds the seed, but when it does not and the seed's side holds
+   >= 3 corners, the implementation keeps that corner-heavy side, while with the opposite eigenvector
+   sign (which LAPACK is free to return) it would reverse it: its choice depends on the arbitrary sign.
+   Here the prior is applied to the seed's side, so the result is sign-independent and matches the
+   implementation's result for the sign whose ``v > mean`` side holds the seed.
 4. Object mask = 4-connected component (scipy.ndimage.label default) of the foreground holding the seed.
 5. Rejection (implementation's rule, stages ``t >= 1``): the mask is rejected when its IoU with the
    previous stage's mask is ``> 0.5`` or it covers ``<= 1 %`` of the patches.
@@ -55,7 +62,7 @@ import torch
 
 from pipeline.discovery.lost import check_grid, grid_mask_box
 from pipeline.discovery.tokencut import (CutResult, as_feats, binary_graph, check_graph_params,
-                                         fallback_result, seed_component, solve_cut)
+                                         fallback_result, orient, seed_component, solve_cut)
 
 # the implementation's rejection thresholds (step 5)
 MAX_IOU_WITH_PREVIOUS = 0.5
@@ -67,6 +74,21 @@ def count_corners(bipartition: np.ndarray) -> int:
     per corner position, so a 1-wide grid counts its end patches twice, as the implementation does)."""
     b = bipartition
     return int(b[0, 0]) + int(b[0, -1]) + int(b[-1, 0]) + int(b[-1, -1])
+
+
+def orient_maskcut(v: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """MaskCut's foreground choice on an eigenvector ``v`` (N,): ``(v, bipartition (h, w), seed)``.
+
+    TokenCut's :func:`~pipeline.discovery.tokencut.orient` first (the side holding ``argmax |v|``);
+    if that side holds 3 or 4 grid corners it is reversed again (``v`` negated, logical_not); the seed
+    is then ``argmax v`` of the oriented ``v`` (first on ties), always inside the bipartition.
+    """
+    v, bipartition, _ = orient(v)
+    bipartition = bipartition.reshape(h, w)
+    if count_corners(bipartition) >= 3:
+        v = -v
+        bipartition = np.logical_not(bipartition)
+    return v, bipartition, int(np.argmax(v))
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -109,13 +131,7 @@ def maskcut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_s
                 return res
             stop = "degenerate"
             break
-        v = cut.v
-        bipartition = (v > np.sum(v) / len(v)).reshape(h, w)
-        seed_abs = int(np.argmax(np.abs(v)))
-        if count_corners(bipartition) >= 3 or not bipartition.ravel()[seed_abs]:
-            v = -v
-            bipartition = np.logical_not(bipartition)
-        seed = int(np.argmax(v))
+        v, bipartition, seed = orient_maskcut(cut.v, h, w)
         mask = seed_component(bipartition, seed)
         if t == 0:
             first = (seed, v.reshape(h, w).copy(), bipartition, cut.eigvals)

@@ -187,6 +187,19 @@ def solve_cut(W: np.ndarray) -> Cut:
     return Cut(np.array(vecs[:, 0], dtype=np.float64), vals)
 
 
+def orient(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """TokenCut's step 4 on an eigenvector ``v`` (N,): ``(v, bipartition, seed)`` with ``bipartition =
+    v > sum(v) / N`` and ``seed = argmax |v|`` (first on ties); when the seed is not in the bipartition,
+    ``v`` is negated and the bipartition replaced by its logical_not (so it is then ``v_raw <= mean``)."""
+    avg = np.sum(v) / len(v)
+    bipartition = v > avg
+    seed = int(np.argmax(np.abs(v)))
+    if not bipartition[seed]:
+        v = -v
+        bipartition = np.logical_not(bipartition)
+    return v, bipartition, seed
+
+
 def seed_component(bipartition: np.ndarray, seed: int) -> np.ndarray:
     """(h, w) bool 4-connected component of ``bipartition`` (h, w) holding patch ``seed``."""
     labels, _ = scipy.ndimage.label(bipartition)
@@ -224,13 +237,7 @@ def tokencut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_
     cut = solve_cut(binary_graph(F, tau, eps))
     if cut.v is None:
         return fallback_result(h, w, H, W, cut.eigvals)
-    v = cut.v
-    avg = np.sum(v) / len(v)
-    bipartition = v > avg
-    seed = int(np.argmax(np.abs(v)))
-    if not bipartition[seed]:
-        v = -v
-        bipartition = np.logical_not(bipartition)
+    v, bipartition, seed = orient(cut.v)
     bip = bipartition.reshape(h, w)
     labels, count = scipy.ndimage.label(bip)
     sy, sx = divmod(seed, w)
