@@ -32,18 +32,22 @@ here. Each stage ``t = 0, 1, ...``:
 Stop rule (what the code does, made explicit): the loop ends early at the first stage whose cut is
 degenerate (fewer than 3 patches or no eigengap, e.g. every remaining feature zeroed or equal;
 ``stop = "degenerate"``), whose mask is rejected (step 5; ``"overlap"`` or ``"small"``), or whose
-stored object is empty (``"empty"``); ``stop = "num_objects"`` when all stages ran. Deviation: the implementation does not stop;
-it stores an empty mask for a rejected stage and goes on with the *unchanged* graph (a rejected mask is
-not masked out), so the next stage recomputes the same cut: after a ``<= 1 %`` rejection it rejects it
-again; after an IoU rejection it compares with the empty mask (IoU 0/0 = NaN, not > 0.5) and *accepts*
-the same near-duplicate. Stopping keeps what is clearly the rule's intent (no duplicates) and saves the
-repeated solves. Empty stored masks are dropped (the implementation drops them when writing
-annotations, area < 1).
+stored object is empty (``"empty"``); ``stop = "num_objects"`` when all stages ran.
+
+Deviation: the implementation does not stop. It stores an empty mask for a rejected stage and goes on
+with the *unchanged* graph (a rejected mask is not masked out), so the next stage recomputes the same
+cut: after a ``<= 1 %`` rejection it rejects it again; after an IoU rejection it compares it with the
+empty mask (IoU 0/0 = NaN, not > 0.5), accepts it, and keeps its part outside the earlier objects when
+that is not empty (a near-duplicate's remainder; empty in the usual case where the cut re-finds a
+zeroed object). Stopping keeps the rule's evident intent (no duplicates) and saves the repeated
+solves. Empty stored masks are dropped (the implementation drops them when writing annotations,
+area < 1).
 
 Other choices where paper and code are silent or ambiguous:
 
-* ``tau`` default 0.15: the value of the paper and the README command (the script's argparse default
-  is 0.2). ``eps`` 1e-5 as in the code.
+* ``tau`` default 0.15: the value in the authors' documented pseudo-mask command (``--tau 0.15``; the
+  script's argparse default is 0.2; the paper's own text was not at hand to check). ``eps`` 1e-5 as in
+  the code.
 * The CRF refinement and the "drop if the CRF mask has IoU < 0.5 with the cut" filter are not done;
   boxes are patch-level. Masks at patch resolution (the implementation upsamples to pixels with
   nearest interpolation before subtracting, which is the same at patch level).

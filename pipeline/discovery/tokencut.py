@@ -29,7 +29,10 @@ entries of opposite sign.
 Determinism (measured with ``benchmarks/eigensolver.py --threads-check``, N = 1020 tokens): ``A`` (torch
 float32 ``F Fᵀ``, MKL here) was bit-identical for 1 and 2 torch threads. The eigensolve (scipy's
 OpenBLAS ``?sygvx``) was *not*: ``v`` and ``λ`` from 1 OpenBLAS thread differ in the last bits (λ by
-~1e-15) from 2 or 4 threads (2 and 4 agreed); the box and bipartition were the same. The sign of ``v``
+~1e-15) from 2 or 4 threads (2 and 4 agreed); the box and bipartition were the same. In the tests,
+the thread count did change the *seed* inside a block of patches with identical features (their ``v``
+entries are equal up to rounding, so ``argmax |v|`` picks among them by the last bits); the box
+changes with it only if that block is split into several components. The sign of ``v``
 is arbitrary in principle (LAPACK may return ``v`` or ``-v``); step 4 makes the result independent of
 it except for exact ties: an entry exactly at the mean, or ``|v|`` maximal at two entries of opposite
 sign. What last-bit differences can move: an ``A`` entry within ~1e-7 of ``tau`` (one edge flips
@@ -37,8 +40,8 @@ sign. What last-bit differences can move: an ``A`` entry within ~1e-7 of ``tau``
 and near-equal ``|v|`` maxima (another seed). The solve is therefore run with OpenBLAS limited to one
 thread when ``threadpoolctl`` is importable (:func:`blas_single_thread`); the project's venv does not
 have it, and then the thread count is whatever OpenBLAS was started with (``OPENBLAS_NUM_THREADS``).
-One thread is also much faster on a busy machine: on 2 shared cores at load ~8, one ~1000-token solve
-took ~0.33 s with one thread and 2.5-10 s with OpenBLAS's default two (its threads spin-wait).
+One thread is also much faster on a busy machine: on 2 shared cores at load 8-13, one 1020-token solve
+took 0.33-0.5 s with one thread and 2.5-10 s with OpenBLAS's default two (its threads spin-wait).
 Degenerate problems, where the second eigenvector is not unique and *any* BLAS difference could change
 it, fall back (below) instead of returning a BLAS-dependent cut.
 
