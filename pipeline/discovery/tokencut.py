@@ -32,11 +32,9 @@ OpenBLAS ``?sygvx``) was *not*: ``v`` and ``λ`` from 1 OpenBLAS thread differ i
 ~1e-15) from 2 or 4 threads (2 and 4 agreed); the box and bipartition were the same. In the tests,
 the thread count did change the *seed* inside a block of patches with identical features (their ``v``
 entries are equal up to rounding, so ``argmax |v|`` picks among them by the last bits); the box
-changes with it only if that block is split into several components. The sign of ``v``
-is arbitrary in principle (LAPACK may return ``v`` or ``-v``); step 4 makes the result independent of
-it except for exact ties: an entry exactly at the mean, or ``|v|`` maximal at two entries of opposite
-sign. What last-bit differences can move: an ``A`` entry within ~1e-7 of ``tau`` (one edge flips
-1 <-> eps; also CPU vs GPU ``A``), a ``v`` entry within ~1e-13 of the mean (one patch changes side),
+changes with it only if that block is split into several components. What last-bit differences can
+move: an ``A`` entry within ~1e-7 of ``tau`` (one edge flips
+1 <-> eps; also CPU vs GPU ``A``), a ``v`` entry within rounding of the mean (one patch changes side),
 and near-equal ``|v|`` maxima (another seed). The solve is therefore run with OpenBLAS limited to one
 thread when ``threadpoolctl`` is importable (:func:`blas_single_thread`); the project's venv does not
 have it, and then the thread count is whatever OpenBLAS was started with (``OPENBLAS_NUM_THREADS``).
