@@ -123,12 +123,11 @@ class Timer:
 def run_guarded(fn, cfg: DictConfig) -> Any:
     """Turn the library's clear errors into a one-line message and exit code 2 (no deep traceback)."""
     from pipeline.artifacts import ArtifactError
-    from pipeline.backbones import WeightsError
     from pipeline.data import DatasetError
-    from pipeline.detection.weights import WeightsError as DetectorWeightsError
     from pipeline.journal import JournalMismatch
+    from pipeline.weights import WeightsError
 
-    expected = (ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DetectorWeightsError, DatasetError)
+    expected = (ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DatasetError)
     try:
         return fn(cfg)
     except expected as e:

@@ -69,6 +69,7 @@ class TokenCutConf:
     name: str = "tokencut"
     tau: float = 0.2
     eps: float = 1e-5
+    max_boxes: int = 1
 
 
 @dataclass

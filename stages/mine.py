@@ -77,11 +77,11 @@ class Pictures:
 
     def __call__(self, index, rec, result, row) -> None:
         from pipeline.data import load_image
-        from pipeline.viz.mining import draw_mining, save_png
+        from pipeline.viz import draw_result, save_png
 
         if index >= self.n:
             return
-        pic = draw_mining(load_image(rec.path), result, self.patch, rec.boxes if rec.has_gt else None,
+        pic = draw_result(load_image(rec.path), result, self.patch, rec.boxes if rec.has_gt else None,
                           f"{rec.image_id}{self.tag}")
         save_png(pic, self.dir / f"{index:06d}_{Path(rec.image_id).stem}.png")
 

@@ -198,3 +198,28 @@ def test_resnet50_official_format_round_trip(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save({k: v for k, v in sd.items() if k != "layer3.0.conv2.weight"}, path)
     _expect_error(path, "layer3.0.conv2.weight", arch="dino_resnet50")
+
+
+def test_one_dino_training_checkpoint_loads_into_backbone_and_detector(tmp_path):
+    """pipeline.weights is the one reader: a DINO training checkpoint (teacher/student dict) gives the same
+    ResNet-50 weights to the DINO ResNet-50 backbone and to a detector's body; a broken file is refused by
+    both with the same error type."""
+    from pipeline.detection.builders import build_detector
+    from pipeline.detection.weights import WeightsError as DetectorWeightsError
+
+    assert DetectorWeightsError is WeightsError
+    _, sd = _randomised_r50_state()
+    full = {"teacher": {**{f"module.backbone.{k}": v for k, v in sd.items()}, "module.head.last_layer.weight":
+                        torch.zeros(4, 2048)}, "student": {"x": torch.zeros(1)}, "epoch": 100}
+    path = tmp_path / "checkpoint.pth"
+    torch.save(full, path)
+    b = build_backbone("dino_resnet50", weights=path)
+    det = build_detector("r50_fpn", 1, init="dino", weights=str(path), min_size=64, max_size=96)
+    for k in ("conv1.weight", "layer4.2.conv3.weight", "layer2.1.bn1.running_mean"):
+        assert torch.equal(b.model.state_dict()[k], sd[k])
+        assert torch.equal(det.state_dict()[f"backbone.body.{k}"], sd[k])
+    torch.save({"teacher": {"x": "not a tensor"}}, tmp_path / "bad.pth")
+    for load in (lambda: build_backbone("dino_resnet50", weights=tmp_path / "bad.pth"),
+                 lambda: build_detector("r50_fpn", 1, init="dino", weights=str(tmp_path / "bad.pth"))):
+        with pytest.raises(WeightsError, match=r"bad\.pth.*not a tensor"):
+            load()

@@ -1,30 +1,20 @@
 """Finding and loading DINO weights: explicit file, weights dir, torch.hub cache, official URL.
 
-Accepted checkpoint forms (normalised, then loaded with ``strict=True``):
-the official DINO state dict; DINO's full training checkpoint (``{"teacher", "student", ...}``:
-the teacher is used, ``module.``/``backbone.`` prefixes stripped, ``head.*`` projection keys
-dropped); a timm ViT state dict (classifier ``head.*`` dropped); torchvision ResNet-50 keys
-(``fc.*`` and DINO ``head.*`` dropped). Anything else raises :class:`WeightsError` naming keys and file.
+Files are read by :mod:`pipeline.weights` (the forms it accepts) and loaded with ``strict=True``: any
+missing, unexpected or wrongly shaped key raises :class:`WeightsError` naming keys and file.
 """
 from __future__ import annotations
 
-import argparse
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import hub, nn
 
 from pipeline.backbones.specs import ArchSpec
+from pipeline.weights import WeightsError, read_state_dict
 
-_WRAPPERS = ("teacher", "state_dict", "model")
-_PREFIXES = ("module.", "backbone.")
 _SHOW = 5
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be found, fetched or loaded; the message names the file and the fix."""
 
 
 def _overrides(spec: ArchSpec) -> str:
@@ -69,46 +59,9 @@ def resolve_weights(spec: ArchSpec, weights: str | os.PathLike | None = None,
     return target
 
 
-def read_checkpoint(path: str | os.PathLike) -> Mapping:
-    """``torch.load`` safely (weights only; argparse.Namespace allowed for DINO's ``args``)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure of a foreign/corrupt file (IndexError, EOFError, ...)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsError(f"cannot read weights file {path}: {msg}. Expected a PyTorch state dict (.pth) "
-                           "such as the official DINO release; re-download it or point backbone.weights "
-                           "to a valid file.") from None
-
-
-def normalise_state_dict(obj: Mapping, family: str, path: str | os.PathLike = "<memory>") -> dict:
-    """Unwrap / strip prefixes / drop heads, giving the model's own key names."""
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state dict.")
-    for key in _WRAPPERS:
-        if isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            break
-    out: dict[str, torch.Tensor] = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise WeightsError(f"weights file {path}: entry {k!r} is a {type(v).__name__}, not a tensor; "
-                               "expected a state dict or a DINO checkpoint with a 'teacher' entry.")
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        if k.startswith(("head.", "fc.") if family == "resnet" else ("head.",)):
-            continue
-        out[k] = v
-    return out
-
-
 def load_weights(model: nn.Module, spec: ArchSpec, path: str | os.PathLike) -> None:
     """Load ``path`` into ``model`` exactly (strict); mismatches raise :class:`WeightsError`."""
-    sd = normalise_state_dict(read_checkpoint(path), spec.family, path)
+    sd = read_state_dict(path, spec.family)
     own = model.state_dict()
     # BatchNorm fills in a missing num_batches_tracked itself (checkpoints from old PyTorch lack it)
     missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]

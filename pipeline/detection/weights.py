@@ -1,6 +1,7 @@
 """Loading a torchvision-format ResNet-50 state dict (DINO or ImageNet) into a detector.
 
-The official DINO ResNet-50 checkpoint
+The file is read by :mod:`pipeline.weights` (so a DINO training checkpoint's teacher loads here exactly as
+into the DINO ResNet-50 backbone, heads and ``fc`` dropped). The official DINO ResNet-50 checkpoint
 (``https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth``) is the
 ``state_dict`` of a ``torchvision.models.resnet50`` without the ``fc`` layer: keys ``conv1.weight``,
 ``bn1.*``, ``layer{1..4}.{block}.{conv,bn}{1..3}.*``, ``layer{1..4}.0.downsample.{0,1}.*``.
@@ -16,45 +17,20 @@ from pathlib import Path
 
 import torch
 
+from pipeline.weights import WeightsError, read_state_dict
+
+__all__ = ["WeightsError", "load_resnet50_weights", "map_keys", "INIT_URLS"]
+
 DINO_RESNET50_URL = "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"
 IMAGENET_RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 INIT_URLS = {"dino": DINO_RESNET50_URL, "imagenet": IMAGENET_RESNET50_URL}
-_IGNORED_SOURCE = ("fc.",)
 _OPTIONAL_TARGET_SUFFIX = ("num_batches_tracked",)
-
-
-class WeightsError(ValueError):
-    """A weights file is absent or does not match the model; the message names the file and the fix."""
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict (unwrapping ``state_dict``/``model``
-    containers and a ``module.`` DDP prefix)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}. Download it (DINO ResNet-50: {DINO_RESNET50_URL}) "
-                           "and pass its path with detector.weights=/path/to/file.pth")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise WeightsError(f"cannot read weights file {path} ({type(e).__name__}: {e}); "
-                           "expected a torch state dict saved with torch.save") from e
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"weights file {path} does not hold a flat state dict of tensors")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
 
 
 def map_keys(sd: dict[str, torch.Tensor], prefix_map: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename ``sd`` keys by their first matching source prefix; returns (mapped, unmappable keys)."""
     mapped, unknown = {}, []
     for k, v in sd.items():
-        if k.startswith(_IGNORED_SOURCE):
-            continue
         for src, dst in prefix_map.items():
             if k.startswith(src):
                 mapped[dst + k[len(src):]] = v
@@ -73,9 +49,10 @@ def load_resnet50_weights(model: torch.nn.Module, path: str | os.PathLike, prefi
 
     ``prefix_map`` maps checkpoint prefixes (``"conv1."``, ``"layer4."``...) to model prefixes; the
     model keys under those target prefixes are the ones that must be filled. Returns a summary
-    ``{"path", "loaded": n, "ignored": [fc keys]}``.
+    ``{"path", "loaded": n}`` (``fc`` and DINO head keys are dropped by the reader).
     """
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, "resnet", hint=f"Download it (DINO ResNet-50: {DINO_RESNET50_URL}) and pass its path "
+                         "with detector.weights=/path/to/file.pth")
     mapped, unknown = map_keys(sd, prefix_map)
     target = model.state_dict()
     # frozen batch norms have no step counter: the file's counters have nowhere to go and carry nothing
@@ -99,4 +76,4 @@ def load_resnet50_weights(model: torch.nn.Module, path: str | os.PathLike, prefi
         raise WeightsError(f"weights file {path}: shape mismatch for {len(bad)} tensors: {_fmt(bad, 4)}")
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    return {"path": str(path), "loaded": len(mapped), "ignored": [k for k in sd if k.startswith(_IGNORED_SOURCE)]}
+    return {"path": str(path), "loaded": len(mapped)}

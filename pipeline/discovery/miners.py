@@ -19,6 +19,8 @@ import numpy as np
 
 from pipeline.discovery.dinoseg import dinoseg
 from pipeline.discovery.lost import lost
+from pipeline.discovery.maskcut import maskcut
+from pipeline.discovery.tokencut import tokencut
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Miner:
     needs: ClassVar[Needs] = Needs()
     input: ClassVar[str] = "feats"
     fn: ClassVar[Callable[..., Any]]
+    #: a square side the image is resized to before the backbone (None: the image as it is); boxes are
+    #: mapped back to the original pixels by the mining loop
+    input_size: int | None = None
 
     def __init__(self, patch_size: int, /, **params: Any) -> None:
         if isinstance(patch_size, bool) or int(patch_size) != patch_size or int(patch_size) < 1:
@@ -56,13 +61,17 @@ class Miner:
         self.patch_size = int(patch_size)
         self.params = {**allowed, **params}
         self.validate()
+        self.input_size = self.params.pop("image_size", None)
 
     @classmethod
     def parameters(cls) -> dict[str, Any]:
         """The algorithm's own parameters and their defaults (everything but the inputs)."""
         skip = {"feats", "cls_attn", "dims", "patch_size", "image_size"}
         sig = inspect.signature(cls.fn)
-        return {k: p.default for k, p in sig.parameters.items() if k not in skip}
+        return {k: p.default for k, p in sig.parameters.items() if k not in skip} | cls.extra_parameters
+
+    #: parameters the miner handles itself (not passed to ``fn``), with their defaults
+    extra_parameters: ClassVar[dict[str, Any]] = {}
 
     def validate(self) -> None:
         """Check the parameters once (raise ValueError naming the parameter)."""
@@ -124,7 +133,42 @@ class DinoSegMiner(Miner):
             raise ValueError(f"dinoseg: mass must be in (0, 1], got {self.params['mass']!r}")
 
 
-MINERS: dict[str, type[Miner]] = {m.name: m for m in (LostMiner, DinoSegMiner)}
+def _check_cut(miner: str, params: dict) -> None:
+    if not -1 < float(params["tau"]) < 1:
+        raise ValueError(f"{miner}: tau must be in (-1, 1) (a cosine similarity threshold), got {params['tau']!r}")
+    if not float(params["eps"]) > 0:
+        raise ValueError(f"{miner}: eps must be > 0, got {params['eps']!r}")
+
+
+class TokenCutMiner(Miner):
+    """TokenCut (Wang et al., CVPR 2022): normalized cut of the patch-similarity graph (one box; ``max_boxes``
+    adds the next components of the bipartition)."""
+    name = "tokencut"
+    fn = staticmethod(tokencut)
+
+    def validate(self) -> None:
+        _check_cut("tokencut", self.params)
+        _positive_int("tokencut", "max_boxes", self.params["max_boxes"])
+
+
+class MaskCutMiner(Miner):
+    """MaskCut (CutLER, Wang et al., CVPR 2023): up to ``num_objects`` repeated normalized cuts, several boxes.
+    ``image_size`` (optional) resizes the image to that square first, as MaskCut does (480)."""
+    name = "maskcut"
+    fn = staticmethod(maskcut)
+    extra_parameters = {"image_size": None}
+
+    def validate(self) -> None:
+        _check_cut("maskcut", self.params)
+        _positive_int("maskcut", "num_objects", self.params["num_objects"])
+        size = self.params["image_size"]
+        if size is not None:
+            _positive_int("maskcut", "image_size", size)
+            if int(size) < self.patch_size:
+                raise ValueError(f"maskcut: image_size={size} is smaller than one patch ({self.patch_size})")
+
+
+MINERS: dict[str, type[Miner]] = {m.name: m for m in (LostMiner, DinoSegMiner, TokenCutMiner, MaskCutMiner)}
 
 
 def build_miner(name: str, patch_size: int, /, **params: Any) -> Miner:

@@ -36,8 +36,7 @@ changes with it only if that block is split into several components. What last-b
 move: an ``A`` entry within ~1e-7 of ``tau`` (one edge flips
 1 <-> eps; also CPU vs GPU ``A``), a ``v`` entry within rounding of the mean (one patch changes side),
 and near-equal ``|v|`` maxima (another seed). The solve is therefore run with OpenBLAS limited to one
-thread when ``threadpoolctl`` is importable (:func:`blas_single_thread`); the project's venv does not
-have it, and then the thread count is whatever OpenBLAS was started with (``OPENBLAS_NUM_THREADS``).
+thread with ``threadpoolctl`` (:func:`blas_single_thread`), whatever OpenBLAS was started with.
 One thread is also much faster on a busy machine: on 2 shared cores at load 8-13, one 1020-token solve
 took 0.33-0.5 s with one thread and 2.5-10 s with OpenBLAS's default two (its threads spin-wait).
 Degenerate problems, where the second eigenvector is not unique and *any* BLAS difference could change
@@ -60,7 +59,6 @@ the minimum of ``xᵀ(D - W)x / xᵀDx`` over ``x`` D-orthogonal to the constant
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,12 +74,10 @@ GAP_TOL = 1e-9
 
 
 def blas_single_thread():
-    """Context limiting BLAS/LAPACK to one thread via ``threadpoolctl`` if it is installed, else a no-op
-    (thread count then set by ``OPENBLAS_NUM_THREADS`` at process start)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
+    """Context limiting BLAS/LAPACK to one thread (``threadpoolctl``, a dependency): the eigen solve then
+    gives the same bits whatever the machine's thread count, and is faster on a busy machine."""
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=1, user_api="blas")
 
 
