@@ -28,8 +28,8 @@ from pipeline.mining import mine_images  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="dino_vits16")
-    ap.add_argument("--data", default=os.environ.get("LOST_SHARED_DATA", str(REPO.parent / "shared" / "data"))
-                    + "/voc07-mini")
+    shared = Path(os.environ.get("LOST_SHARED_DATA") or REPO / "tests" / "data") / "voc07-mini"
+    ap.add_argument("--data", default=str(shared if shared.is_dir() else REPO / "tests" / "data" / "voc07-mini"))
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)

@@ -1,7 +1,9 @@
-"""Dataset builders on the real shared data (voc07-mini, coco-tiny, the COCO20k list) and synthetic trees."""
+"""Dataset builders on the real test data (voc07-mini, coco-tiny, the COCO20k list; tests/data or
+``LOST_SHARED_DATA``) and synthetic trees."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data import DEMO_IMAGES, VOC_CLASSES, DatasetError, build_dataset, load_image
+
+IN_REPO_DATA = Path(__file__).resolve().parent / "data"
 
 
 # ----------------------------------------------------------------------------------------- VOC
@@ -113,7 +117,10 @@ def test_voc12_ids(tmp_path):
 def test_coco_tiny(coco_tiny):
     ds = build_dataset("coco", str(coco_tiny))
     raw = json.loads((coco_tiny / "annotations/instances_val2017.json").read_text())
-    assert len(ds) == 80 and sum(len(r.boxes) for r in ds.records) == 815
+    # the in-repo subset (16 images, 122 boxes) or the shared coco-tiny (80 images, one per category, 815 boxes)
+    expected = (16, 122) if coco_tiny.is_relative_to(IN_REPO_DATA) else (80, 815)
+    assert (len(raw["images"]), len(raw["annotations"])) == expected
+    assert (len(ds), sum(len(r.boxes) for r in ds.records)) == expected
     assert [r.coco_id for r in ds.records] == sorted(im["id"] for im in raw["images"])
     assert len(ds.class_names) == 80 and ds.class_names[0] == "person"
     crowd = [a for a in raw["annotations"] if a["iscrowd"]]
@@ -152,12 +159,15 @@ def _tiny_train2014(root: Path, ids: list[int]) -> None:
         json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
-def test_coco20k_list_filtering(shared_data, tmp_path):
-    real = (shared_data / "coco20k_filenames.txt").read_text().splitlines()
+def test_coco20k_list_filtering(coco20k_list, tmp_path):
+    real = coco20k_list.read_text().splitlines()
     from pipeline.data.coco import read_coco20k_list
 
-    entries = read_coco20k_list(shared_data / "coco20k_filenames.txt")
-    assert len(real) == len(entries) == 19817
+    entries = read_coco20k_list(coco20k_list)
+    # the in-repo file is the list's first 100 lines; the shared one is the whole list
+    n = 100 if coco20k_list.is_relative_to(IN_REPO_DATA) else 19817
+    assert len(real) == len(entries) == n
+    assert [f"train2014/{base}" for _, base in entries] == real
     assert entries[0] == (560992, "COCO_train2014_000000560992.jpg")
     keep = [e[0] for e in entries[:3]]
     _tiny_train2014(tmp_path, keep[::-1] + [9, 10])  # json order differs; 9 and 10 are not in the list
@@ -169,9 +179,9 @@ def test_coco20k_list_filtering(shared_data, tmp_path):
     assert r.path == str(tmp_path / "train2014" / f"COCO_train2014_{keep[0]:012d}.jpg")
     np.testing.assert_array_equal(r.boxes, [[1.5, 2, 4.5, 6]])
     assert r.classes == ["dog"] and [x.crowd.tolist() for x in ds.records] == [[False], [True], [False]]
-    # the whole real list against a json lacking most of it: one clear error
-    with pytest.raises(DatasetError, match=r"19814 of 19817 images of .*coco20k_filenames.txt are not in"):
-        build_dataset("coco20k", str(tmp_path), list_file=str(shared_data / "coco20k_filenames.txt"))
+    # the real list against a json lacking most of it: one clear error
+    with pytest.raises(DatasetError, match=rf"{n - 3} of {n} images of .*{re.escape(coco20k_list.name)} are not in"):
+        build_dataset("coco20k", str(tmp_path), list_file=str(coco20k_list))
     with pytest.raises(DatasetError, match=r"COCO20k image list not found: .*nope\.txt"):
         build_dataset("coco20k", str(tmp_path), list_file=str(tmp_path / "nope.txt"))
 
