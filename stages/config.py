@@ -232,6 +232,15 @@ def mine_dir(miner: str, feature: str = "k") -> str:
     return name if feature == "k" else f"{name}_{feature}"
 
 
+def eval_dir_of(detections: str | None, default: str) -> str:
+    """Where evaluate-cad writes: ``eval_<name>/`` beside a given detections file (its own folder, never
+    under a dataset's outputs), else ``default``."""
+    if not detections:
+        return default
+    p = Path(str(detections))
+    return str(p.parent / f"eval_{p.stem}")
+
+
 def register() -> None:
     """Put the schemas into Hydra's ConfigStore and the ``mine_dir`` resolver into OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
@@ -241,8 +250,9 @@ def register() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
     for name, node in MINER_SCHEMAS.items():
         cs.store(group="miner", name=f"{name}_schema", node=node)
-    if not OmegaConf.has_resolver("mine_dir"):
-        OmegaConf.register_new_resolver("mine_dir", mine_dir)
+    for name, fn in (("mine_dir", mine_dir), ("eval_dir_of", eval_dir_of)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register()

@@ -60,8 +60,7 @@ def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> 
     if det_path.is_file() and all(prev.get(k) == v for k, v in side.items() if k != "model"):
         print(f"evaluate-cad: reusing {det_path} (made by the same {model_path} on the same images)", flush=True)
         return det_path, prev
-    from stages.config import stage_main
-from stages.common import warn_random
+    from stages.common import warn_random
     from stages.train_common import ap_mode, checkpoint_random_init, detect_and_evaluate, load_trained_detector
 
     model, ckpt_cfg, iteration = load_trained_detector(model_path, hint="Rerun `make train-cad`.")

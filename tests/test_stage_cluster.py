@@ -126,9 +126,9 @@ def test_evaluate_cad_on_voc_recovers_a_permutation(tmp_path, voc07_mini):
     det = tmp_path / "dets.json"
     write_json(det, _permuted_gt_results(ds.records, ds.class_names, perm))
     cfg = compose_cfg("evaluate_cad", [f"paths.output_root={tmp_path}", "dataset=voc07",
-                                       f"paths.data_root={voc07_mini}", f"detections={det}", "num_clusters=22"])
+                                       f"paths.data_root={voc07_mini}", f"evaluate_cad.detections={det}", "evaluate_cad.num_clusters=22"])
     res = run(cfg)
-    stage = tmp_path / "voc07" / "dino_vits16" / "cad" / "eval_trainval"
+    stage = tmp_path / "eval_dets"  # beside the detections file, not under a dataset's outputs
     assert json.loads((stage / "metrics.json").read_text())["mean"] == res["mean"]
     assert res["mean"]["AP50"] == pytest.approx(100) and res["mean"]["AP50:95"] == pytest.approx(100)
     present = [c for c in ds.class_names if c not in res["classes_without_gt"]]
@@ -149,7 +149,7 @@ def test_evaluate_cad_standalone_cli_with_coco_gt(tmp_path, coco_tiny):
     perm = np.random.default_rng(1).permutation(len(ds.class_names))
     det = tmp_path / "dets.json"
     write_json(det, _permuted_gt_results(ds.records, ds.class_names, perm))
-    run_cli("stages.evaluate_cad", [f"detections={det}", f"gt={gt}", f"stage_dir={tmp_path / 'ev'}",
+    run_cli("stages.evaluate_cad", [f"evaluate_cad.detections={det}", f"evaluate_cad.gt={gt}", f"stage_dir={tmp_path / 'ev'}",
                                     f"paths.output_root={tmp_path}"])
     res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     raw = json.loads(gt.read_text())
@@ -157,6 +157,24 @@ def test_evaluate_cad_standalone_cli_with_coco_gt(tmp_path, coco_tiny):
     assert len(with_gt) == (36 if len(raw["images"]) == 16 else 80)  # in-repo subset / shared one-per-category
     assert res["mean"]["AP50"] == pytest.approx(100)
     assert set(res["matching"]) == {c["name"] for c in raw["categories"] if c["id"] in with_gt}
-    proc = run_cli("stages.evaluate_cad", [f"detections={tmp_path / 'nope.json'}", f"gt={gt}",
+    proc = run_cli("stages.evaluate_cad", [f"evaluate_cad.detections={tmp_path / 'nope.json'}", f"evaluate_cad.gt={gt}",
                                            f"paths.output_root={tmp_path}"], check=False)
     assert proc.returncode == 2 and "nope.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cluster_report_only_rerun_and_refused_change(mined, capsys):
+    out, _ = mined
+    _cluster(out, "cluster.k=2", "viz.gallery_size=2")
+    stage = out / "demo" / "dino_vits16" / "cluster" / "lost" / "k2"
+    labels = (stage / "pseudo_labels.json").read_bytes()
+    size_before = Image.open(next((stage / "galleries").glob("*.png"))).size
+    capsys.readouterr()
+    _cluster(out, "cluster.k=2", "viz.gallery_size=2", "viz.thumb=48")
+    assert "redrawing the galleries" in capsys.readouterr().out
+    assert (stage / "pseudo_labels.json").read_bytes() == labels
+    assert Image.open(next((stage / "galleries").glob("*.png"))).size != size_before
+    from pipeline.rerun import RerunRefused
+    with pytest.raises(RerunRefused, match=r"cluster.seed: 0 -> 1.*FORCE=1"):
+        _cluster(out, "cluster.k=2", "cluster.seed=1")
+    assert (stage / "pseudo_labels.json").read_bytes() == labels
+    _cluster(out, "cluster.k=2", "cluster.seed=1", "force=true")

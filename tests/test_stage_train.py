@@ -309,3 +309,31 @@ def test_a_detector_is_random_when_its_weights_or_its_boxes_were():
     assert checkpoint_random_init(dino, {"boxes_random_init": False}) is False
     assert checkpoint_random_init(dino, {"boxes_random_init": True}) is True   # real detector, random pseudo-boxes
     assert checkpoint_random_init(rand, {}) is True
+
+
+def test_multi_box_miner_feeds_the_whole_chain_unchanged(tmp_path, voc07_mini):
+    """miner=maskcut writes several ranked boxes per image; train-cag, cluster, train-cad and evaluate-cad take
+    that file as they take LOST's (in process, 3 images, random weights: a smoke test)."""
+    from stages.cluster import run as cluster
+    from stages.evaluate_cad import run as evaluate_cad
+    from stages.mine import run as mine
+    from stages.train_cad import run as train_cad
+
+    data = _data(voc07_mini, tmp_path) + ["miner=maskcut", "miner.num_objects=3", "miner.tau=0.0"]
+    m = mine(compose_cfg("mine", [*data, "num_workers=0", "progress=false", "viz.num_images=1"]))
+    base = tmp_path / "voc07" / "dino_vits16"
+    boxes = json.loads((base / "mine_maskcut" / "pseudo_boxes.json").read_text())
+    ranks = [a["rank"] for a in boxes["annotations"]]
+    assert len(ranks) == m["boxes"] > 3 and ranks.count(0) == 3 and max(ranks) >= 1
+    assert m["multi_box"]["boxes_per_image"] == pytest.approx(len(ranks) / 3)
+    assert 0 <= m["multi_box"]["object_recall"] <= 100
+    assert (base / "mine_maskcut" / "viz").is_dir()
+    _, cag = _train_cag(data)
+    assert cag["dataset_stats"]["boxes_used"] == len(ranks)
+    c = cluster(compose_cfg("cluster", [*data, "progress=false", "cluster.k=2", "cluster.short_side=32",
+                                        "cluster.n_init=1"]))
+    assert c["boxes"] == len(ranks)
+    cad = train_cad(compose_cfg("train_cad", [*data, *DET, "cluster.k=2"]))
+    assert cad["num_classes"] == 2
+    res = evaluate_cad(compose_cfg("evaluate_cad", [*data, *DET, "progress=false"]))
+    assert 0 <= res["mean"]["AP50"] <= 100
