@@ -1,4 +1,7 @@
-"""Pictures of detections: the image, its top detections (red, with scores) and GT boxes (green)."""
+"""Pictures of detections: the image, its top detections (red, with scores) and GT boxes (green).
+
+(Was ``pipeline.detection.pictures``, which still re-exports it.)
+"""
 from __future__ import annotations
 
 import os
@@ -8,8 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.images import load_image
-from pipeline.viz.mining import GT, PRED, save_png
+from pipeline.data.images import decode_rgb
+from pipeline.viz.style import GT, PRED, draw_title, font_for, save_png
 
 
 def draw_detections(image: np.ndarray, boxes, scores, gt_boxes=None, *, min_score: float = 0.3,
@@ -26,11 +29,8 @@ def draw_detections(image: np.ndarray, boxes, scores, gt_boxes=None, *, min_scor
             break
         b = boxes[i]
         d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=PRED, width=3 if rank == 0 else 1)
-        d.text((b[0] + 3, b[1] + 2), f"{scores[i]:.2f}", fill=PRED)
-    if title:
-        d.rectangle([0, 0, 8 * len(title) + 8, 14], fill=(0, 0, 0))
-        d.text((4, 2), title, fill=(255, 255, 255))
-    return pil
+        d.text((b[0] + 3, b[1] + 2), f"{scores[i]:.2f}", fill=PRED, font=font_for("0.00", 11))
+    return draw_title(pil, title)
 
 
 def write_detection_pictures(detections: Sequence[dict], records: Sequence, out_dir: str | os.PathLike, *,
@@ -45,8 +45,9 @@ def write_detection_pictures(detections: Sequence[dict], records: Sequence, out_
         d = by_id.get(int(r.coco_id))
         if d is None:
             continue
-        pic = draw_detections(load_image(r.path), d["boxes"], d["scores"], r.boxes if r.has_gt else None,
-                              min_score=min_score, title=f"{r.image_id}  {note}".strip())
+        title = f"{r.image_id}  {note}".strip()
+        pic = draw_detections(decode_rgb(r.path), d["boxes"], d["scores"], r.boxes if r.has_gt else None,
+                              min_score=min_score, title=title)
         safe = str(r.image_id).replace("/", "_").replace(os.sep, "_")
-        paths.append(save_png(pic, Path(out_dir) / f"{safe}.png"))
+        paths.append(save_png(pic, Path(out_dir) / f"{safe}.png", title=title))
     return paths
