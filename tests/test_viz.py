@@ -71,3 +71,15 @@ def test_detection_pictures_live_in_viz(tmp_path):
     with Image.open(out[0]) as im:
         assert im.text["Title"] == "été  RANDOM WEIGHTS"
         assert tuple(np.asarray(im.convert("RGB"))[20, 20]) == style.PRED
+
+
+def test_gallery_title_is_not_cut_off(tmp_path):
+    from pipeline.viz.gallery import cluster_gallery
+
+    title = "cluster_9 (id 10) (123 boxes)  RANDOM WEIGHTS: not a result"
+    p = cluster_gallery([np.zeros((10, 10, 3), np.uint8)], tmp_path / "g.png", title, thumb=32)
+    with Image.open(p) as im:
+        assert im.text["Title"] == title
+        width = im.width
+    font = style.font_for(title, 13)
+    assert width >= ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)

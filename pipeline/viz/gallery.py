@@ -36,10 +36,12 @@ def cluster_gallery(crops: Sequence[np.ndarray], out_path: str | Path, title: st
     crops = list(crops)[:n]
     cols = max(1, min(cols, len(crops) or 1))
     rows = max(1, -(-len(crops) // cols))
-    width = cols * (thumb + _PAD) + _PAD
+    font = font_for(title, 13)
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 2 * _PAD + 4 if title else 0
+    width = max(cols * (thumb + _PAD) + _PAD, title_w)  # the title is never cut off
     height = _TITLE_H + rows * (thumb + _PAD) + _PAD
     canvas = Image.new("RGB", (width, height), _BG)
-    ImageDraw.Draw(canvas).text((_PAD + 2, 3), title, fill=(255, 255, 255), font=font_for(title, 13))
+    ImageDraw.Draw(canvas).text((_PAD + 2, 3), title, fill=(255, 255, 255), font=font)
     for i, crop in enumerate(crops):
         r, c = divmod(i, cols)
         canvas.paste(thumbnail(crop, thumb), (_PAD + c * (thumb + _PAD), _TITLE_H + _PAD + r * (thumb + _PAD)))
