@@ -3,7 +3,7 @@
 #   make test                    the test suite
 #   make mine ARGS="dataset=voc07 backbone=dino_vits16"
 # ARGS is passed to the stage as Hydra overrides (use -m for a multirun sweep).
-# FORCE=1 redoes a stage even if its results are complete.
+# FORCE=1 (or true, yes) redoes a stage even if its results are complete.
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,8 +14,28 @@ NPROC ?= 1
 FORCE ?= 0
 DATA_ROOT ?= data
 
-ifeq ($(FORCE),1)
+# The variables this Makefile reads; anything else given on the command line that looks like a Hydra
+# override (a dotted name, a config group or a top-level config key) is refused: `make mine dataset=voc07`
+# would otherwise run on the default dataset.
+MAKE_VARS := PYTHON ARGS NPROC FORCE DATA_ROOT PYTEST_ARGS
+HYDRA_KEYS := $(sort $(notdir $(patsubst %/,%,$(wildcard conf/*/))) \
+                     $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\):.*/\1/p' conf/*.yaml 2>/dev/null) \
+                     dataset backbone miner detector schedule cluster paths experiment)
+CLI_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+HYDRA_LIKE := $(foreach v,$(filter-out $(MAKE_VARS),$(CLI_VARS)),\
+                $(if $(or $(findstring .,$(v)),$(filter $(HYDRA_KEYS) +% ~%,$(v))),$(v)))
+ifneq ($(strip $(HYDRA_LIKE)),)
+$(error error: $(foreach v,$(HYDRA_LIKE),$(v)=$($(v))) $(if $(word 2,$(HYDRA_LIKE)),are not make variables,is not a make variable); pass Hydra overrides as ARGS="$(strip $(foreach v,$(HYDRA_LIKE),$(v)=$($(v))) $(ARGS))")
+endif
+
+FORCE_ON := 1 true yes TRUE True YES Yes on ON
+FORCE_OFF := 0 false no FALSE False NO No off OFF
+ifneq ($(filter $(FORCE_ON),$(strip $(FORCE))),)
 FORCE_ARGS := force=true
+else ifeq ($(filter $(FORCE_OFF),$(strip $(FORCE))),)
+ifneq ($(strip $(FORCE)),)
+$(error error: FORCE=$(FORCE): use FORCE=1 (or true, yes) to redo a stage, FORCE=0 (or false, no) not to)
+endif
 endif
 
 .PHONY: install demo test test-all mine merge train-cag evaluate-cag cluster train-cad evaluate-cad \

@@ -27,13 +27,34 @@ class ArtifactError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- atomic writes
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``), else by
+    the set-and-restore ``os.umask`` dance."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (0666 minus the umask,
+    e.g. 0644), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
+    try:  # mkstemp creates 0600; give the file the mode open() would (0666 minus the umask)
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -186,7 +186,54 @@ def test_coco20k_list_filtering(coco20k_list, tmp_path):
         build_dataset("coco20k", str(tmp_path), list_file=str(tmp_path / "nope.txt"))
 
 
+def _coco_file(root: Path, anns: list[dict], cats=({"id": 1, "name": "dog"},)) -> Path:
+    (root / "val").mkdir(parents=True, exist_ok=True)
+    f = root / "instances_val.json"
+    f.write_text(json.dumps({"images": [{"id": 7, "file_name": "a.jpg", "width": 20, "height": 10}],
+                             "annotations": anns, "categories": list(cats)}))
+    return f
+
+
+def test_coco_unknown_category_names_the_annotation(tmp_path):
+    f = _coco_file(tmp_path, [{"id": 1, "image_id": 7, "bbox": [0, 0, 2, 2], "category_id": 1},
+                              {"id": 5, "image_id": 7, "bbox": [0, 0, 2, 2], "category_id": 999}])
+    with pytest.raises(DatasetError, match=r"category_id 999 of annotation 5 \(image 7\) is not in the "
+                                           r"file's categories \(ids \[1\]\)"):
+        build_dataset("coco", "", ann_file=str(f), image_dir=str(tmp_path / "val"))
+    f = _coco_file(tmp_path, [{"id": 3, "image_id": 7, "category_id": 1}])
+    with pytest.raises(DatasetError, match=r"annotation 3 of image 7 has no bbox"):
+        build_dataset("coco", "", ann_file=str(f), image_dir=str(tmp_path / "val"))
+
+
+def test_coco_difficult_field(tmp_path):
+    f = _coco_file(tmp_path, [{"id": 1, "image_id": 7, "bbox": [0, 0, 2, 2], "category_id": 1, "difficult": 1},
+                              {"id": 2, "image_id": 7, "bbox": [0, 0, 2, 2], "category_id": 1, "ignore": 1},
+                              {"id": 3, "image_id": 7, "bbox": [0, 0, 2, 2], "category_id": 1, "iscrowd": 1},
+                              {"id": 4, "image_id": 7, "bbox": [0, 0, 2, 2], "category_id": 1}])
+    r = build_dataset("coco", "", ann_file=str(f), image_dir=str(tmp_path / "val")).records[0]
+    assert r.difficult.tolist() == [True, True, False, False] and r.crowd.tolist() == [False, False, True, False]
+
+
 # ----------------------------------------------------------------------------------------- folder, demo
+def test_folder_skips_hidden_files_and_folders(tmp_path):
+    for rel in ["a.jpg", "._a.jpg", ".thumbs/t.png", "b/.c.png", "b/d.png"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 3)).save(tmp_path / rel)
+    ds = build_dataset("folder", str(tmp_path))
+    assert [r.image_id for r in ds.records] == ["a.jpg", "b/d.png"]
+    assert ds.skipped_hidden == 3
+    only_hidden = tmp_path / "h"
+    only_hidden.mkdir()
+    Image.new("RGB", (4, 3)).save(only_hidden / "._x.jpg")
+    with pytest.raises(DatasetError, match=r"1 hidden image files skipped"):
+        build_dataset("folder", str(only_hidden))
+    # the folder itself may live under a hidden directory
+    inner = tmp_path / ".cache" / "imgs"
+    inner.mkdir(parents=True)
+    Image.new("RGB", (4, 3)).save(inner / "z.png")
+    assert [r.image_id for r in build_dataset("folder", str(inner)).records] == ["z.png"]
+
+
 def test_folder_nested_sorted(tmp_path):
     for rel in ["b/z.png", "a.JPG", "b/a/x.webp", "c.tiff"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

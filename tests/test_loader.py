@@ -157,3 +157,63 @@ def test_dataloader_two_workers(tmp_path):
     assert items[0]["record"].image_id == "ok.png" and items[3]["image"].shape == (3, 16, 16)
     with pytest.raises(ValueError, match="batch_size=1"):
         collate_single([items[0], items[3]])
+
+
+def test_try_decode_and_one_decoder(tmp_path):
+    from pipeline.data import decode_chw_float, decode_rgb, try_decode
+    from pipeline.data.images import load_image as old_name
+
+    assert old_name is decode_rgb is load_image
+    a = _rgb(6, 9)
+    Image.fromarray(a).save(tmp_path / "ok.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    img, err = try_decode(tmp_path / "ok.png")
+    assert err is None and (img == a).all()
+    for name, why in [("bad.jpg", "not an image file"), ("gone.png", "image not found")]:
+        img, err = try_decode(tmp_path / name)
+        assert img is None and why in err and name in err
+    img, err = try_decode(tmp_path / "ok.png", min_size=8)
+    assert img is None and "smaller than one patch" in err
+    t = decode_chw_float(tmp_path / "ok.png")
+    assert t.shape == (3, 6, 9) and t.dtype == torch.float32
+    assert torch.allclose(t, torch.from_numpy(a).permute(2, 0, 1).float() / 255)
+
+
+def test_image_paths_and_common_root(tmp_path):
+    from pipeline.data import common_root, records_root, resolve_image_path
+
+    assert resolve_image_path("a/b.jpg", tmp_path) == tmp_path / "a/b.jpg"
+    assert resolve_image_path(str(tmp_path / "x.jpg"), "/elsewhere") == tmp_path / "x.jpg"
+    assert str(resolve_image_path("b.jpg", None)) == "b.jpg"
+    paths = [tmp_path / "a" / "1.jpg", tmp_path / "a" / "b" / "2.jpg", tmp_path / "c" / "3.jpg"]
+    assert common_root(paths) == str(tmp_path) and common_root([]) == ""
+    assert common_root(paths[:2]) == str(tmp_path / "a")
+    recs = [ImageRecord(str(i), i, str(p), has_gt=False) for i, p in enumerate(paths[:2])]
+    assert records_root(recs) == str(tmp_path / "a")
+
+
+def test_mining_images_max_side(tmp_path):
+    from pipeline.data.loader import box_to_original, resize_max_side
+
+    a = _rgb(30, 100)
+    Image.fromarray(a).save(tmp_path / "wide.png")
+    Image.fromarray(_rgb(20, 24)).save(tmp_path / "small.png")
+    recs = [ImageRecord(n, i + 1, str(tmp_path / n), has_gt=False) for i, n in enumerate(["wide.png", "small.png"])]
+    off = MiningImages(recs, 8)[0]
+    assert off["size"] == off["original_size"] == (30, 100) and off["scale"] == 1.0  # default: parity
+    ds = MiningImages(recs, 8, max_side=50)
+    it = ds[0]
+    assert it["original_size"] == (30, 100) and it["size"] == (15, 50) and it["scale"] == 0.5
+    assert it["image"].shape == (3, 16, 56)  # padded after resizing
+    expect = np.asarray(Image.fromarray(a).resize((50, 15), Image.BICUBIC))
+    assert (resize_max_side(a, 50) == expect).all()
+    norm = (expect[0, 0, 0] / 255 - 0.485) / 0.229
+    assert float(it["image"][0, 0, 0]) == pytest.approx(norm, abs=1e-5)
+    small = ds[1]
+    assert small["size"] == small["original_size"] == (20, 24) and small["scale"] == 1.0  # fits: untouched
+    np.testing.assert_allclose(box_to_original([5, 3, 50, 15], it["size"], it["original_size"]), [10, 6, 100, 30])
+    with pytest.raises(ValueError, match="smaller than one patch"):
+        MiningImages(recs, 16, max_side=8)
+    Image.fromarray(_rgb(8, 200)).save(tmp_path / "thin.png")
+    thin = MiningImages([ImageRecord("t", 1, str(tmp_path / "thin.png"), has_gt=False)], 8, max_side=100)[0]
+    assert thin["image"] is None and "Raise dataset.max_side" in thin["error"]

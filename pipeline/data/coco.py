@@ -2,6 +2,12 @@
 
 Boxes: COCO ``[x, y, w, h]`` -> ``[x, y, x + w, y + h]`` (no rounding here: CorLoc rounds as LOST
 does). ``iscrowd`` becomes the ``crowd`` flag; crowd boxes are kept in the record.
+
+Difficult objects (VOC's ``<difficult>1</difficult>``) in a COCO json: give the annotation
+``"difficult": 1`` (or ``"ignore": 1``); it becomes the record's ``difficult`` flag, exactly like a
+VOC XML's. Files that mark them ``"iscrowd": 1`` instead (as ``build_coco_gt(voc_difficult="ignore")``
+writes, and some converters do) load them as crowd; evaluations can treat crowd as difficult
+(``apply_difficult(records, mode, crowd_is_difficult=True)``).
 """
 from __future__ import annotations
 
@@ -13,6 +19,13 @@ from pathlib import Path
 from pipeline.boxes import xywh_to_xyxy
 from pipeline.data.errors import DatasetError
 from pipeline.data.records import Dataset, ImageRecord
+
+
+def is_difficult(ann: dict) -> bool:
+    """A COCO annotation marks a VOC-style difficult object with ``"difficult": 1`` (VOC's own tag, as
+    detectron2's VOC->COCO converters write it) or ``"ignore": 1``; ``iscrowd`` is kept apart (a crowd
+    region), see :func:`pipeline.evaluation.voc_ap.apply_difficult` to treat it as difficult."""
+    return bool(ann.get("difficult", 0) or ann.get("ignore", 0))
 
 
 def _read_instances(ann_file: Path) -> dict:
@@ -41,16 +54,24 @@ def _records(data: dict, ann_file: Path, image_paths: dict[int, str], ids: list[
     records = []
     for i in ids:
         anns = per_image[i]
-        try:
-            classes = [cat_name[a["category_id"]] for a in anns]
-            boxes = xywh_to_xyxy([a["bbox"] for a in anns]) if anns else None
-        except KeyError as e:
-            raise DatasetError(f"malformed COCO annotation in {ann_file} for image {i}: missing or unknown {e}") from None
+        for a in anns:
+            missing = [k for k in ("bbox", "category_id") if k not in a]
+            if missing:
+                raise DatasetError(f"malformed COCO annotation in {ann_file}: annotation {a.get('id', '?')} of "
+                                   f"image {i} has no {' / '.join(missing)}")
+            if a["category_id"] not in cat_name:
+                known = sorted(cat_name)
+                shown = f"{known[:10]}{' ...' if len(known) > 10 else ''}" if known else "none"
+                raise DatasetError(f"{ann_file}: category_id {a['category_id']} of annotation {a.get('id', '?')} "
+                                   f"(image {i}) is not in the file's categories (ids {shown}): add the "
+                                   "category to 'categories' or fix the annotation.")
+        classes = [cat_name[a["category_id"]] for a in anns]
+        boxes = xywh_to_xyxy([a["bbox"] for a in anns]) if anns else None
         im = images[i]
         records.append(ImageRecord(
             image_id=str(i), coco_id=int(i), path=image_paths[i], width=im.get("width"), height=im.get("height"),
             boxes=boxes if boxes is not None else [], classes=classes,
-            crowd=[bool(a.get("iscrowd", 0)) for a in anns]))
+            difficult=[is_difficult(a) for a in anns], crowd=[bool(a.get("iscrowd", 0)) for a in anns]))
     empty = sum(len(r.boxes) == 0 for r in records)
     if empty:
         warnings.warn(f"{ann_file.name}: {empty} of {len(records)} images have no annotation "

@@ -13,20 +13,36 @@ DEMO_IMAGES = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "moto
 DEMO_GT = Path(__file__).with_name("demo_gt.json")
 
 
+def is_hidden(rel: str | os.PathLike) -> bool:
+    """True when a component of the relative path ``rel`` starts with a dot (``.git/``, macOS ``._x.jpg``)."""
+    return any(part.startswith(".") for part in Path(rel).parts if part not in (".", ".."))
+
+
 def load_folder(root: str | os.PathLike, name: str | None = None, max_images: int | None = None) -> Dataset:
-    """Every image file under ``root`` (recursive, sorted by relative path); no ground truth."""
+    """Every image file under ``root`` (recursive, sorted by relative path); no ground truth.
+
+    Hidden files and folders (a name starting with ``.``, e.g. the ``._IMG_1.JPG`` resource forks macOS
+    leaves on USB disks, or ``.thumbnails/``) are skipped and counted in ``Dataset.skipped_hidden``."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}. Set dataset.root=<folder of images>.")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(root).as_posix())
+    files, hidden = [], 0
+    for p in root.rglob("*"):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+            continue
+        if is_hidden(p.relative_to(root)):
+            hidden += 1
+        else:
+            files.append(p)
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:
-        raise DatasetError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {root}. Set dataset.root=...")
+        also = f" ({hidden} hidden image files skipped: names or folders starting with '.')" if hidden else ""
+        raise DatasetError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {root}{also}. Set dataset.root=...")
     if max_images is not None:
         files = files[:max_images]
     records = [ImageRecord(image_id=p.relative_to(root).as_posix(), coco_id=i, path=str(p), has_gt=False)
                for i, p in enumerate(files, start=1)]
-    return Dataset(name=name or "folder", records=records, class_names=[], root=str(root))
+    return Dataset(name=name or "folder", records=records, class_names=[], root=str(root), skipped_hidden=hidden)
 
 
 def load_demo(name: str | None = None, max_images: int | None = None) -> Dataset:

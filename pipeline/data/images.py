@@ -1,4 +1,9 @@
-"""``load_image``: any image file -> (H, W, 3) uint8 RGB, or an ImageLoadError naming the file.
+"""The one image decoder: any image file -> (H, W, 3) uint8 RGB.
+
+- :func:`decode_rgb` returns the array or raises :class:`ImageLoadError` naming the file and the fix;
+- :func:`try_decode` returns ``(array, None)`` or ``(None, message)``: for steps that skip and list
+  unreadable images instead of stopping (``load_image`` is the old name of ``decode_rgb``);
+- :func:`decode_chw_float` gives the detector's float CHW tensor in 0..1.
 
 Conversions (chosen to match the reference, which calls PIL's ``convert("RGB")``):
 - L / 1 / P / CMYK / YCbCr / LAB / HSV: PIL's ``convert("RGB")`` (palette applied).
@@ -35,7 +40,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)  # writable copy
 
 
-def load_image(path: str | os.PathLike, min_size: int = 1) -> np.ndarray:
+def decode_rgb(path: str | os.PathLike, min_size: int = 1) -> np.ndarray:
     """Decode ``path`` to (H, W, 3) uint8 RGB; images with a side < ``min_size`` are rejected."""
     path = str(path)
     if not os.path.isfile(path):
@@ -62,3 +67,22 @@ def load_image(path: str | os.PathLike, min_size: int = 1) -> np.ndarray:
         raise ImageLoadError(f"image {path} is {w}x{h} pixels (W x H), smaller than one patch "
                              f"({min_size} px): remove it from the image set.")
     return arr
+
+
+load_image = decode_rgb  # the historical name, used across the code base
+
+
+def try_decode(path: str | os.PathLike, min_size: int = 1) -> tuple[np.ndarray | None, str | None]:
+    """``(image, None)``, or ``(None, why)`` when :func:`decode_rgb` fails (missing, corrupt, truncated,
+    not an image, too large, smaller than ``min_size``): the caller skips the image and lists ``why``."""
+    try:
+        return decode_rgb(path, min_size=min_size), None
+    except ImageLoadError as e:
+        return None, str(e)
+
+
+def decode_chw_float(path: str | os.PathLike):
+    """The image as a float32 (3, H, W) torch tensor in 0..1 (what the detectors take)."""
+    import torch
+
+    return torch.from_numpy(decode_rgb(path)).permute(2, 0, 1).float().div_(255.0)

@@ -61,6 +61,7 @@ class Dataset:
     records: list[ImageRecord]
     class_names: list[str] = field(default_factory=list)
     root: str = ""
+    skipped_hidden: int = 0  # image folders: hidden image files (names/folders starting with ".") left out
 
     def __len__(self) -> int:
         return len(self.records)

@@ -17,7 +17,7 @@ A class without any non-difficult GT box has an undefined AP: ``nan``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -139,6 +139,37 @@ def class_ap(gt: GroundTruth, overlaps: DetectionOverlaps, class_idx: int, iou_t
     rec = tp / npos
     prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
     return ap_from_pr(rec, prec, use_07_metric)
+
+
+DIFFICULT_MODES = ("ignore", "remove")
+
+
+def apply_difficult(records: Iterable[ImageRecord], mode: str = "ignore",
+                    crowd_is_difficult: bool = False) -> list[ImageRecord]:
+    """The records as an evaluation should see their difficult objects.
+
+    ``mode="ignore"`` (the VOC devkit's rule, the default of every VOC AP here): difficult boxes stay,
+    flagged; a detection on one is neither TP nor FP and they do not count in the recall.
+    ``mode="remove"`` (LOST's ``prepare_voc_data_in_coco_style.py``, ``voc_difficult=remove`` of the
+    class-agnostic AP): they are deleted from the GT, so a detection on one is a false positive.
+    Difficult = the record's ``difficult`` flag (VOC ``<difficult>1</difficult>``, a COCO annotation's
+    ``"difficult": 1`` or ``"ignore": 1``); with ``crowd_is_difficult`` also its ``crowd`` flag (for COCO
+    files that mark VOC difficult objects ``"iscrowd": 1``). Crowd boxes that are not taken as
+    difficult stay ignore regions in both modes. The input records are not modified.
+    """
+    if mode not in DIFFICULT_MODES:
+        raise ValueError(f"voc_difficult must be one of {DIFFICULT_MODES}, got {mode!r}")
+    out = []
+    for r in records:
+        diff = np.asarray(r.difficult, bool) | (np.asarray(r.crowd, bool) if crowd_is_difficult else False)
+        crowd = np.asarray(r.crowd, bool) & ~diff
+        if mode == "remove":
+            keep = ~diff
+            out.append(replace(r, boxes=r.boxes[keep], classes=[c for c, k in zip(r.classes, keep) if k],
+                               difficult=np.zeros(int(keep.sum()), bool), crowd=crowd[keep]))
+        else:
+            out.append(replace(r, boxes=r.boxes.copy(), classes=list(r.classes), difficult=diff, crowd=crowd))
+    return out
 
 
 def voc_ap(

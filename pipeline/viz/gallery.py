@@ -1,4 +1,10 @@
-"""Cluster galleries: a grid of box crops per cluster, so a person can see what a cluster is."""
+"""Cluster galleries: a grid of box crops per cluster, so a person can see what a cluster is.
+
+Naming, the same everywhere: a cluster is a COCO category of ``pseudo_labels.json`` (K-means label
+``c`` -> category id ``c + 1``, name ``cluster_<c>``, :func:`pipeline.clustering.labels.cluster_categories`).
+Its gallery is ``<name>.png`` (``cluster_9.png``) and is captioned ``cluster_9 (id 10)``
+(:func:`cluster_caption`), as the Hungarian table (:func:`pipeline.evaluation.hungarian.to_markdown`)
+shows the clusters; the title is also stored in the PNG's ``Title`` text chunk."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.artifacts import atomic_path
+from pipeline.viz.style import font_for, save_png
 
 _TITLE_H = 18
 _PAD = 2
@@ -30,27 +36,51 @@ def cluster_gallery(crops: Sequence[np.ndarray], out_path: str | Path, title: st
     crops = list(crops)[:n]
     cols = max(1, min(cols, len(crops) or 1))
     rows = max(1, -(-len(crops) // cols))
-    width = cols * (thumb + _PAD) + _PAD
+    font = font_for(title, 13)
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 2 * _PAD + 4 if title else 0
+    width = max(cols * (thumb + _PAD) + _PAD, title_w)  # the title is never cut off
     height = _TITLE_H + rows * (thumb + _PAD) + _PAD
     canvas = Image.new("RGB", (width, height), _BG)
-    ImageDraw.Draw(canvas).text((_PAD + 2, 3), title, fill=(255, 255, 255))
+    ImageDraw.Draw(canvas).text((_PAD + 2, 3), title, fill=(255, 255, 255), font=font)
     for i, crop in enumerate(crops):
         r, c = divmod(i, cols)
         canvas.paste(thumbnail(crop, thumb), (_PAD + c * (thumb + _PAD), _TITLE_H + _PAD + r * (thumb + _PAD)))
-    out_path = Path(out_path)
-    with atomic_path(out_path, suffix=".png") as tmp:
-        canvas.save(tmp, format="PNG")
-    return out_path
+    return save_png(canvas, out_path, title=title)
+
+
+def cluster_caption(category_id: int, name: str | None = None) -> str:
+    """How a cluster is named to a person: ``cluster_9 (id 10)`` (category name and id), or ``10``."""
+    return f"{name} (id {int(category_id)})" if name else str(int(category_id))
+
+
+def _file_stem(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name)) or "cluster"
 
 
 def write_cluster_galleries(crops_by_cluster: Mapping[int, Sequence[np.ndarray]], out_dir: str | Path,
                             sizes: Mapping[int, int] | None = None, n: int = 16, thumb: int = 96,
-                            note: str = "") -> list[Path]:
-    """One ``cluster_<k>.png`` per cluster in ``out_dir``; titles give the cluster size when known,
-    then ``note`` (e.g. a random-weights warning)."""
+                            note: str = "", categories: Mapping[int, dict] | Sequence[dict] | None = None
+                            ) -> list[Path]:
+    """One ``<category name>.png`` per cluster in ``out_dir``, keyed by K-means label ``k``.
+
+    ``categories`` gives each label's COCO category (``{"id", "name"}``): a mapping label -> category,
+    or the ``categories`` list of ``pseudo_labels.json`` (label ``k`` = category id ``k + 1``); by default
+    :func:`pipeline.clustering.labels.cluster_categories`' naming (id ``k + 1``, name ``cluster_<k>``).
+    Titles: :func:`cluster_caption`, the cluster size when known, then ``note`` (e.g. a random-weights
+    warning)."""
+    if categories is None:
+        cats = {int(k): {"id": int(k) + 1, "name": f"cluster_{int(k)}"} for k in crops_by_cluster}
+    elif isinstance(categories, Mapping):
+        cats = {int(k): dict(v) for k, v in categories.items()}
+    else:
+        by_id = {int(c["id"]): c for c in categories}
+        cats = {int(k): by_id.get(int(k) + 1, {"id": int(k) + 1, "name": f"cluster_{int(k)}"})
+                for k in crops_by_cluster}
     paths = []
     for k in sorted(crops_by_cluster):
+        cat = cats.get(int(k), {"id": int(k) + 1, "name": f"cluster_{int(k)}"})
         size = f" ({sizes[k]} boxes)" if sizes is not None and k in sizes else ""
-        paths.append(cluster_gallery(crops_by_cluster[k], Path(out_dir) / f"cluster_{k}.png",
-                                     f"cluster {k}{size}{'  ' + note if note else ''}", n=n, thumb=thumb))
+        title = f"{cluster_caption(cat['id'], cat['name'])}{size}{'  ' + note if note else ''}"
+        paths.append(cluster_gallery(crops_by_cluster[k], Path(out_dir) / f"{_file_stem(cat['name'])}.png",
+                                     title, n=n, thumb=thumb))
     return paths

@@ -1,4 +1,7 @@
-"""Pictures of what a miner did: seed, expanded patches, the component, the box, the GT."""
+"""Pictures of what a miner did: seed, expanded patches, the component, the box, the GT.
+
+Colours, the title font and ``save_png`` live in :mod:`pipeline.viz.style` (re-exported here).
+"""
 from __future__ import annotations
 
 import math
@@ -8,12 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.artifacts import atomic_path
+from pipeline.viz.style import COMPONENT, GT, PRED, SEED, draw_title, save_png
+from pipeline.viz.style import EXPANSION as _EXPANSION
 
-PRED = (255, 40, 40)
-GT = (40, 220, 60)
-SEED = (255, 220, 0)
-EXPANSION = np.array([0, 140, 255], dtype=np.float32)
+EXPANSION = np.array(_EXPANSION, dtype=np.float32)
+OUTSIDE_DIM = 0.45    # pixels outside the mined component keep 45% of their brightness
+EXPANSION_ALPHA = 0.55
+
+__all__ = ["GT", "PRED", "SEED", "EXPANSION", "COMPONENT", "draw_mining", "save_png", "contact_sheet"]
 
 
 def _patch_grid_mask(indices, dims: tuple[int, int]) -> np.ndarray:
@@ -23,24 +28,50 @@ def _patch_grid_mask(indices, dims: tuple[int, int]) -> np.ndarray:
     return m.reshape(dims)
 
 
+def _upsample(mask: np.ndarray, patch_size: int, h: int, w: int) -> np.ndarray:
+    up = np.kron(np.asarray(mask, dtype=np.uint8), np.ones((patch_size, patch_size), np.uint8)).astype(bool)
+    out = np.zeros((h, w), bool)
+    out[:min(h, up.shape[0]), :min(w, up.shape[1])] = up[:h, :w]
+    return out
+
+
+def _edge(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` pixels of its border (the outline drawn inside it)."""
+    inner = mask.copy()
+    for _ in range(max(1, width)):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
 def draw_mining(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: str = "") -> Image.Image:
-    """Overlay on ``image`` (H, W, 3 uint8): the component mask (light tint), the expansion patches
-    (``similars``, blue), the seed patch (yellow square), the predicted box (red) and GT boxes (green)."""
+    """Overlay on ``image`` (H, W, 3 uint8): the component mask (everything outside it dimmed to
+    ``OUTSIDE_DIM``, the component outlined in white), the expansion patches (``similars``, blue),
+    the seed patch (yellow square), the predicted box (red) and GT boxes (green); ``title`` on a
+    black band (a font with the glyphs of the text, see :mod:`pipeline.viz.style`)."""
     img = image.astype(np.float32).copy()
     h, w = img.shape[:2]
+    lw = max(2, round(min(h, w) / 150))
     mask = getattr(result, "mask", None)
+    outline = None
     if mask is not None:
         dims = mask.shape
-        up = np.kron(mask.astype(np.float32), np.ones((patch_size, patch_size), np.float32))[:h, :w]
-        img[up > 0] = 0.75 * img[up > 0] + 0.25 * 255
+        comp = _upsample(mask, patch_size, h, w)
+        if comp.any():
+            img[~comp] *= OUTSIDE_DIM
+            outline = _edge(comp, lw)
         similars = getattr(result, "similars", None)
         if similars is not None:
-            sim = np.kron(_patch_grid_mask(similars, dims).astype(np.float32),
-                          np.ones((patch_size, patch_size), np.float32))[:h, :w]
-            img[sim > 0] = 0.45 * img[sim > 0] + 0.55 * EXPANSION
+            sim = _upsample(_patch_grid_mask(similars, dims), patch_size, h, w)
+            img[sim] = (1 - EXPANSION_ALPHA) * img[sim] + EXPANSION_ALPHA * EXPANSION
+        if outline is not None:
+            img[outline] = COMPONENT
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(pil)
-    lw = max(2, round(min(h, w) / 150))
     for b in (np.zeros((0, 4)) if gt_boxes is None else np.asarray(gt_boxes).reshape(-1, 4)):
         d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=GT, width=lw)
     box = np.asarray(result.box).reshape(4)
@@ -50,16 +81,7 @@ def draw_mining(image: np.ndarray, result, patch_size: int, gt_boxes=None, title
         r, c = divmod(int(seed), mask.shape[1])
         d.rectangle([c * patch_size, r * patch_size, (c + 1) * patch_size - 1, (r + 1) * patch_size - 1],
                     outline=SEED, width=lw)
-    if title:
-        d.rectangle([0, 0, 8 + 7 * len(title), 16], fill=(0, 0, 0))
-        d.text((4, 3), title, fill=(255, 255, 255))
-    return pil
-
-
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    with atomic_path(path, suffix=".png") as tmp:
-        image.save(tmp, format="PNG")
-    return Path(path)
+    return draw_title(pil, title)
 
 
 def contact_sheet(paths: list[str | os.PathLike], out_path: str | os.PathLike, cols: int = 4,
