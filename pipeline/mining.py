@@ -35,12 +35,6 @@ def shard_journal_path(results_dir: str | os.PathLike, shard: int, num_shards: i
     return Path(results_dir) / f"shard-{shard:04d}-of-{num_shards:04d}.jsonl"
 
 
-def image_root(records: Sequence[ImageRecord]) -> str:
-    """The deepest directory holding every image (``file_name``s in pseudo_boxes.json are relative to it)."""
-    dirs = {os.path.dirname(os.path.abspath(r.path)) for r in records}
-    return os.path.commonpath(sorted(dirs)) if dirs else ""
-
-
 class MiningRun:
     """One mining run in ``stage_dir``: ``info`` (what produces the boxes; identical for every shard) is the
     journal's metadata, so resuming with another configuration raises
@@ -133,16 +127,21 @@ class MineStats:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
-def make_row(rec: ImageRecord, size, result, error: str | None) -> dict:
-    """The journal row of one image: its boxes in rank order with their scores (none when it failed)."""
+def make_row(rec: ImageRecord, size, result, error: str | None, original_size=None) -> dict:
+    """The journal row of one image: its boxes in rank order with their scores (none when it failed), in the
+    pixels of the original image (``size`` is what the miner saw, ``original_size`` the decoded image)."""
+    from pipeline.data.loader import box_to_original
     from pipeline.discovery import boxes_of
 
-    h, w = size if size is not None else (rec.height, rec.width)
+    original_size = original_size or size
+    h, w = original_size if original_size is not None else (rec.height, rec.width)
     row = {"image_id": rec.image_id, "coco_id": rec.coco_id, "path": rec.path, "width": w, "height": h,
            "error": error, "boxes": [], "scores": [], "seed": None}
     if result is not None:
         mined = boxes_of(result)
-        row["boxes"] = [list(b.box) for b in mined]
+        resized = tuple(original_size) != tuple(size)
+        row["boxes"] = [[float(v) for v in box_to_original(b.box, size, original_size)] if resized else list(b.box)
+                        for b in mined]
         row["scores"] = [b.score for b in mined]
         seed = getattr(result, "seed", None)
         row["seed"] = None if seed is None else int(seed)
@@ -160,20 +159,25 @@ def mine_images(
     num_workers: int = 0,
     device: str = "cpu",
     progress: bool = True,
-    on_result: Callable[[int, ImageRecord, object, dict], None] | None = None,
+    max_side: int | None = None,
+    on_result: Callable[[int, ImageRecord, object, dict, tuple], None] | None = None,
     hit_fn: Callable[[ImageRecord, dict], bool | None] | None = None,
 ) -> MineStats:
     """Mine ``dataset.records[i]`` for ``i`` in ``indices`` with ``miner`` (a built
     :class:`~pipeline.discovery.Miner`) and hand each row to ``record`` (e.g. ``MiningRun.record``; None
-    for a dry pass that only makes pictures). ``on_result(index, record, result, row)`` is called for
-    every image mined, before its row is recorded (so a recorded image has its picture); ``hit_fn(record,
+    for a dry pass that only makes pictures). Images are resized when ``max_side`` (longer side) or the
+    miner's ``input_size`` (square) ask for it; boxes are mapped back to the original pixels.
+    ``on_result(index, record, result, row, size)`` is called for every image mined, before its row is
+    recorded (so a recorded image has its picture); ``size`` is the (H, W) the miner saw. ``hit_fn(record,
     row)`` feeds the running CorLoc in the progress bar."""
     from pipeline.data import MiningImages, collate_single
 
     run = MineStats()
     if not indices:
         return run
-    loader = DataLoader(MiningImages(dataset.records, backbone.patch_size, indices=list(indices)), batch_size=1,
+    images = MiningImages(dataset.records, backbone.patch_size, indices=list(indices), max_side=max_side,
+                          square=miner.input_size)
+    loader = DataLoader(images, batch_size=1,
                         shuffle=False, num_workers=num_workers, collate_fn=collate_single,
                         persistent_workers=False)
     hits = total = 0
@@ -187,9 +191,9 @@ def mine_images(
         if item["error"] is None:
             out = backbone.features(item["image"][None].to(device), which=feature, with_cls_attn=needs.cls_attn)
             result = miner(out, item["size"])
-        row = make_row(rec, item["size"], result, item["error"])
+        row = make_row(rec, item["size"], result, item["error"], item["original_size"])
         if on_result is not None and result is not None:
-            on_result(index, rec, result, row)
+            on_result(index, rec, result, row, item["size"])
         if record is not None:
             record(row)
         run.computed += 1

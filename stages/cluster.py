@@ -51,7 +51,7 @@ def _input_path(cfg: DictConfig) -> Path:
 def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
     """The COCO dataset of boxes to cluster, its image root and the input file."""
     from pipeline.clustering.sources import detections_to_boxes
-    from pipeline.mining import image_root
+    from pipeline.data.paths import records_root
 
     path = _input_path(cfg)
     if cfg.cluster.source == "lost":
@@ -63,7 +63,7 @@ def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
     if not isinstance(results, list):
         raise SystemExit(f"{path}: expected a COCO results list [{{image_id, bbox, score, ...}}, ...]")
     records = build_dataset_from_cfg(cfg).records
-    root = Path(image_root(records))
+    root = Path(records_root(records))
     try:
         coco = detections_to_boxes(results, records, root, float(cfg.cluster.score_threshold),
                                    info={"source_file": str(path)})

@@ -94,9 +94,9 @@ def coco_image_root(cfg: DictConfig, coco: dict, *, override=None, fallback: Pat
     if root and Path(root).is_dir():
         return Path(root)
     if root or fallback is None:
-        from pipeline.mining import image_root
+        from pipeline.data.paths import records_root
 
-        return Path(image_root(build_dataset_from_cfg(cfg).records))
+        return Path(records_root(build_dataset_from_cfg(cfg).records))
     return fallback
 
 
@@ -104,11 +104,14 @@ def build_dataset_from_cfg(cfg: DictConfig):
     from pipeline.data import build_dataset
 
     d = cfg.dataset
-    return build_dataset(
-        d.kind, str(d.root), image_set=d.get("image_set") or "trainval", ann_file=d.get("ann_file"),
-        image_dir=d.get("image_dir"), list_file=d.get("list_file"), name=d.name,
-        max_images=d.get("max_images"),
+    ds = build_dataset(
+        d.kind, str(d.root), image_set=d.image_set or "trainval", ann_file=d.ann_file, image_dir=d.image_dir,
+        list_file=d.list_file, name=d.name, max_images=d.max_images,
     )
+    if getattr(ds, "skipped_hidden", 0):
+        print(f"{ds.name}: skipped {ds.skipped_hidden} hidden file(s) (names or folders starting with '.', e.g. "
+              "the ._ files macOS leaves on shared drives)", flush=True)
+    return ds
 
 
 class Timer:

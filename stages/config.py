@@ -39,6 +39,7 @@ class DatasetConf:
     image_dir: Optional[str] = None
     list_file: Optional[str] = None
     max_images: Optional[int] = None
+    max_side: Optional[int] = None      # mining: shrink images whose longer side exceeds this (null: never)
 
 
 @dataclass
@@ -184,6 +185,8 @@ class EvaluateCadConf:
     detections: Optional[str] = None
     gt: Optional[str] = None
     num_clusters: Optional[int] = None
+    voc_difficult: str = "ignore"
+    gt_crowd_is_difficult: bool = False
     iou_thresholds: List[float] = field(default_factory=list)
 
 

@@ -74,7 +74,9 @@ def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> 
                              mode="coco" if cfg.evaluate_cad.gt else ap_mode(cfg.dataset.kind),
                              device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
                              progress=bool(cfg.progress), random_init=random_init)
+    names = ckpt_cfg.get("category_names") or []
     side.update({"iteration": iteration, "category_ids": cats, "gt": gt_desc,
+                 "category_names": {str(c): n for c, n in zip(cats, names)},
                  "random_init": random_init, "class_agnostic": ev})
     write_json(side_path, side)
     return det_path, side
@@ -92,18 +94,22 @@ def run(cfg: DictConfig) -> dict:
                      "evaluate_cad.detections=<COCO results json>.")
     if not isinstance(dets, list):
         raise SystemExit(f"{det_path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
-    k = cfg.evaluate_cad.num_clusters
-    cluster_ids = range(1, int(k) + 1) if k is not None else (inferred or {}).get("category_ids")
+    e = cfg.evaluate_cad
+    k = e.num_clusters
+    names = {int(c): n for c, n in ((inferred or {}).get("category_names") or {}).items()}
     try:
-        res = hungarian_evaluate(dets, records, class_names, cluster_ids=cluster_ids,
-                                 iou_thresholds=list(cfg.evaluate_cad.iou_thresholds))
+        res = hungarian_evaluate(dets, records, class_names,
+                                 cluster_ids=None if k is not None else (inferred or {}).get("category_ids"),
+                                 num_clusters=None if k is None else int(k), category_names=names or None,
+                                 voc_difficult=str(e.voc_difficult), crowd_is_difficult=bool(e.gt_crowd_is_difficult),
+                                 iou_thresholds=list(e.iou_thresholds))
     except ValueError as e:
         raise SystemExit(f"{det_path}: {e}") from None
     res.update({"detections": str(det_path), "gt": gt_desc})
     if inferred is not None:
         res["inference"] = inferred
     write_json(stage_dir / "metrics.json", res)
-    table = to_markdown(res)
+    table = to_markdown(res, names or None)
     write_text(stage_dir / "hungarian.md", f"# Hungarian evaluation\n\nDetections: `{det_path}`  \nGT: `{gt_desc}`"
                f"\n\n{table}")
     inputs = {"detections": det_path, **({"model": Path(inferred["model"])} if inferred else {})}

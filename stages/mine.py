@@ -15,10 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, remove_stale_temps, write_json
-from pipeline.mining import MiningRun, all_boxes, first_boxes, image_root, mine_images, shard_indices
+from pipeline.data.paths import records_root
+from pipeline.mining import MiningRun, all_boxes, first_boxes, mine_images, shard_indices
 from pipeline.rerun import Rerun, plan_rerun
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, dataset_identity,
                            resolve_device, run_guarded, to_container)
@@ -75,14 +78,21 @@ class Pictures:
         self.patch = backbone.patch_size
         self.tag = f"  {cfg.miner.name}" + ("  RANDOM WEIGHTS" if random_init else "")
 
-    def __call__(self, index, rec, result, row) -> None:
+    def __call__(self, index, rec, result, row, size) -> None:
+        """Drawn on the image as the miner saw it (resized when dataset.max_side or the miner's size say so)."""
         from pipeline.data import load_image
+        from pipeline.data.loader import resize_to
         from pipeline.viz import draw_result, save_png
 
         if index >= self.n:
             return
-        pic = draw_result(load_image(rec.path), result, self.patch, rec.boxes if rec.has_gt else None,
-                          f"{rec.image_id}{self.tag}")
+        img = load_image(rec.path)
+        gt = rec.boxes if rec.has_gt else None
+        if img.shape[:2] != tuple(size):
+            fy, fx = size[0] / img.shape[0], size[1] / img.shape[1]
+            img = resize_to(img, size)
+            gt = None if gt is None else np.asarray(gt, dtype=np.float64) * [fx, fy, fx, fy]
+        pic = draw_result(img, result, self.patch, gt, f"{rec.image_id}{self.tag}")
         save_png(pic, self.dir / f"{index:06d}_{Path(rec.image_id).stem}.png")
 
     def clear(self) -> None:
@@ -185,7 +195,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     device = resolve_device(cfg.device)
     backbone = build_backbone_from_cfg(cfg, device)
-    info = _info(cfg, backbone.describe(), image_root(dataset.records))
+    info = _info(cfg, backbone.describe(), records_root(dataset.records))
     run = MiningRun(stage_dir, info, shard=int(cfg.mine.shard), num_shards=int(cfg.mine.num_shards))
     if cfg.force:
         run.discard()
@@ -205,7 +215,7 @@ def run(cfg: DictConfig) -> dict | None:
         pictures.clear()
         first = list(range(min(pictures.n, len(dataset))))
         mine_images(dataset, backbone, miner, first, record=None, feature=str(cfg.backbone.feature),
-                    num_workers=0, device=device, progress=False, on_result=pictures)
+                    num_workers=0, device=device, progress=False, max_side=cfg.dataset.max_side, on_result=pictures)
         made = pictures.write_sheet()
         _write_manifest(cfg, stage_dir, timer, info, len(dataset))
         _print_summary(stage_dir, metrics, ["manifest.json", *made])
@@ -219,7 +229,7 @@ def run(cfg: DictConfig) -> dict | None:
             pictures.clear()
     stats = mine_images(dataset, backbone, miner, todo, record=run.record, feature=str(cfg.backbone.feature),
                         num_workers=int(cfg.num_workers), device=device, progress=bool(cfg.progress),
-                        on_result=pictures, hit_fn=_hit)
+                        max_side=cfg.dataset.max_side, on_result=pictures, hit_fn=_hit)
     resumed = len(shard_indices(len(dataset), run.shard, run.num_shards)) - len(todo)
     run_stats = {"seconds": round(stats.seconds, 3), "images_per_s": round(stats.images_per_s, 3),
                  "computed_this_run": stats.computed, "resumed": resumed}

@@ -24,6 +24,21 @@ def resize_max_side(img: np.ndarray, max_side: int | None) -> np.ndarray:
     return np.array(Image.fromarray(img).resize((nw, nh), Image.BICUBIC), dtype=np.uint8)  # writable copy
 
 
+def resize_square(img: np.ndarray, side: int | None) -> np.ndarray:
+    """``img`` resized (bicubic) to ``side`` x ``side`` (aspect not kept, as MaskCut feeds its ViT); unchanged
+    when ``side`` is None."""
+    if side is None or img.shape[:2] == (int(side), int(side)):
+        return img
+    return np.array(Image.fromarray(img).resize((int(side), int(side)), Image.BICUBIC), dtype=np.uint8)
+
+
+def resize_to(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``img`` resized (bicubic) to ``size`` (H, W), e.g. to draw on what a miner saw."""
+    if img.shape[:2] == tuple(size):
+        return img
+    return np.array(Image.fromarray(img).resize((int(size[1]), int(size[0])), Image.BICUBIC), dtype=np.uint8)
+
+
 def box_to_original(box, size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
     """A box ``[x1, y1, x2, y2]`` in the pixels of the resized ``size`` (H, W) mapped to the original
     image (``original_size`` (H, W)): x scaled by W0 / W, y by H0 / H (exact per-axis factors, not the
@@ -47,11 +62,13 @@ class MiningImages(torch.utils.data.Dataset):
     resized (bicubic, aspect kept, :func:`resize_max_side`) before normalising and padding. Then
     ``size`` is the resized (H, W), ``original_size`` the decoded one and ``scale`` the factor applied
     (``size ~= original_size * scale``; 1.0 when not resized). Boxes found on the resized image map
-    back to original pixels with :func:`box_to_original` ``(box, size, original_size)``.
+    back to original pixels with :func:`box_to_original` ``(box, size, original_size)``. ``square``
+    (None: off) resizes every image to that square after ``max_side`` (a miner's fixed input size, e.g.
+    MaskCut's 480); ``scale`` is then the vertical factor.
     """
 
     def __init__(self, records: list[ImageRecord], patch_size: int, indices: list[int] | None = None,
-                 max_side: int | None = None):
+                 max_side: int | None = None, square: int | None = None):
         from pipeline.backbones import preprocess_image  # fail here, loudly, not inside a worker
 
         if int(patch_size) < 1:
@@ -59,7 +76,10 @@ class MiningImages(torch.utils.data.Dataset):
         if max_side is not None and int(max_side) < int(patch_size):
             raise ValueError(f"max_side={max_side} is smaller than one patch ({patch_size} px): use null (off) "
                              "or a larger value, e.g. 1000")
+        if square is not None and int(square) < int(patch_size):
+            raise ValueError(f"square={square} is smaller than one patch ({patch_size} px)")
         self.max_side = None if max_side is None else int(max_side)
+        self.square = None if square is None else int(square)
         self.records = list(records)
         self.patch_size = int(patch_size)
         self.indices = list(range(len(self.records))) if indices is None else [int(i) for i in indices]
@@ -81,7 +101,7 @@ class MiningImages(torch.utils.data.Dataset):
             item["error"] = err
             return item
         h0, w0 = img.shape[:2]
-        img = resize_max_side(img, self.max_side)
+        img = resize_square(resize_max_side(img, self.max_side), self.square)
         if min(img.shape[:2]) < self.patch_size:
             item["error"] = (f"image {rec.path} is {w0}x{h0} pixels (W x H): resized to a longer side of "
                              f"{self.max_side} px its shorter side is below one patch ({self.patch_size} px). "
@@ -90,7 +110,7 @@ class MiningImages(torch.utils.data.Dataset):
         tensor, size = self._preprocess(img, self.patch_size)
         item["image"], item["size"] = tensor, (int(size[0]), int(size[1]))
         item["original_size"] = (int(h0), int(w0))
-        item["scale"] = 1.0 if (h0, w0) == item["size"] else self.max_side / max(h0, w0)
+        item["scale"] = 1.0 if (h0, w0) == item["size"] else item["size"][0] / h0
         return item
 
 
