@@ -1,6 +1,6 @@
 """Reading and writing stage files: atomically (temp file + rename), with a manifest.
 
-Formats (see DESIGN.md): ``pseudo_boxes.json`` / ``pseudo_labels.json`` are COCO datasets,
+Formats (see docs/ARCHITECTURE.md, "Artifacts"): ``pseudo_boxes.json`` / ``pseudo_labels.json`` are COCO datasets,
 ``metrics.json`` a flat-ish dict of numbers, ``manifest.json`` the provenance of a stage dir.
 """
 from __future__ import annotations

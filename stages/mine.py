@@ -130,18 +130,20 @@ def finalize(cfg: DictConfig, run: MiningRun, dataset, rows: list[dict], timer: 
         if any(len(r["boxes"]) > 1 for r in rows):
             metrics["multi_box"] = multi_box_scores(all_boxes(rows), dataset.records).as_dict()
     write_json(stage_dir / "metrics.json", metrics)
-    _write_manifest(cfg, stage_dir, timer, info, len(rows))
+    _write_manifest(cfg, stage_dir, timer, info, len(rows), dataset)
     _print_summary(stage_dir, metrics, ["pseudo_boxes.json", "metrics.json", "manifest.json", *made])
     return metrics
 
 
-def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, info: dict, n_images: int) -> None:
+def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, info: dict, n_images: int, dataset) -> None:
     from pipeline.artifacts import write_manifest
+    from pipeline.status import annotations_digest
 
     write_manifest(stage_dir, stage="mine", config=to_container(cfg), start_time=timer.start, end_time=time.time(),
                    weights_sha256=info.get("weights_sha256"),
                    extra={"num_shards": int(cfg.mine.num_shards), "images": n_images, "artifact": _artifact(cfg),
-                          "report": _report(cfg), "random_init": info["random_init"]})
+                          "report": _report(cfg), "random_init": info["random_init"],
+                          "annotations_digest": annotations_digest(dataset.records) if dataset.has_gt else None})
 
 
 def _print_summary(stage_dir: Path, metrics: dict, made: list[str] | None) -> None:
@@ -217,7 +219,7 @@ def run(cfg: DictConfig) -> dict | None:
         mine_images(dataset, backbone, miner, first, record=None, feature=str(cfg.backbone.feature),
                     num_workers=0, device=device, progress=False, max_side=cfg.dataset.max_side, on_result=pictures)
         made = pictures.write_sheet()
-        _write_manifest(cfg, stage_dir, timer, info, len(dataset))
+        _write_manifest(cfg, stage_dir, timer, info, len(dataset), dataset)
         _print_summary(stage_dir, metrics, ["manifest.json", *made])
         return metrics
 

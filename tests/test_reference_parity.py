@@ -1,7 +1,7 @@
 """End to end against an independent implementation of the reference's forward and LOST.
 
-The test re-implements, from the DINO/LOST papers' architecture and the formulas in DESIGN.md, the
-ViT forward (pre-norm blocks, softmax(q kᵀ / sqrt(d)) attention, GELU MLP, DINO's bicubic position
+The test re-implements, from the DINO/LOST papers' architecture and the formulas in docs/ARCHITECTURE.md
+("Exactness"), the ViT forward (pre-norm blocks, softmax(q kᵀ / sqrt(d)) attention, GELU MLP, DINO's bicubic position
 embedding with the +0.1 offset) using only the state dict's tensors and torch.nn.functional, then LOST
 (degree, stable seed order, expansion, 4-connected component of the seed). On real VOC images with
 random weights the library's keys, seed and box must equal it.

@@ -197,3 +197,48 @@ def test_demo_auto_fallback_is_not_up_to_date_once_weights_may_exist(tmp_path, m
     out = capsys.readouterr()
     assert "is up to date" not in out.out and "RANDOMLY INITIALISED" in out.err
     assert again["resumed"] == 2 and again["computed_this_run"] == 0
+
+
+def test_status_partial_upstream_propagation_and_annotations(tmp_path, voc07_mini):
+    """make status: a half-mined run is 'partial N/M'; a stage whose input stage is stale is stale too; edited
+    annotations make a stage that scored against them stale; the README's chain ARGS are accepted."""
+    from pipeline.artifacts import write_manifest
+    from pipeline.data import build_dataset
+    from pipeline.status import annotations_digest, pipeline_status
+
+    src = _images(tmp_path / "imgs", 3)
+    _run_inprocess(tmp_path, src, "mine.num_shards=3", "mine.shard=0")
+    root = tmp_path / "folder" / "dino_vits16"
+    (st,) = [s for s in pipeline_status(root, n_images=3) if s.stage == "mine"]
+    assert st.state == "partial" and st.progress == (1, 3)
+    import shutil
+    shutil.rmtree(root / "mine")
+    # cluster read mine's boxes, cad read the clusters: when the boxes change both are stale
+    boxes = root / "mine" / "pseudo_boxes.json"
+    boxes.parent.mkdir(parents=True, exist_ok=True)
+    boxes.write_text("{}")
+    labels = root / "cluster" / "lost" / "k2" / "pseudo_labels.json"
+    labels.parent.mkdir(parents=True)
+    labels.write_text("{}")
+    t = time.time()
+    write_manifest(labels.parent, stage="cluster", config={}, inputs={"boxes": boxes}, start_time=t, end_time=t)
+    write_manifest(root / "cad", stage="train_cad", config={}, inputs={"pseudo_labels": labels}, start_time=t,
+                   end_time=t)
+    assert {s.stage: s.state for s in pipeline_status(root)}["cad"] == "done"
+    boxes.write_text('{"changed": 1}')
+    states = {s.stage: s for s in pipeline_status(root)}
+    assert states["cluster/lost/k2"].state == "stale" and states["cad"].state == "stale"
+    assert "upstream cluster/lost/k2 is stale" in states["cad"].changed
+    # annotations edited after a stage scored against them
+    recs = build_dataset("voc07", str(voc07_mini), max_images=2).records
+    ev = tmp_path / "voc07" / "dino_vits16" / "cag"
+    write_manifest(ev, stage="train_cag", config={}, start_time=t, end_time=t,
+                   extra={"annotations_digest": annotations_digest(recs)})
+    assert pipeline_status(ev.parent, annotations_digest=annotations_digest(recs))[1].state == "done"
+    recs[0].boxes[0, 0] += 5
+    (cag,) = [s for s in pipeline_status(ev.parent, annotations_digest=annotations_digest(recs)) if s.stage == "cag"]
+    assert cag.state == "stale" and "annotations" in cag.changed[0]
+    proc = run_cli("stages.status", [f"paths.output_root={tmp_path}", "dataset=folder", f"dataset.root={src}",
+                                     "detector=mobilenet_fpn", "schedule=smoke", "miner=dinoseg", "cluster.k=3",
+                                     "+experiment=lost_voc07", "dataset=folder"], check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

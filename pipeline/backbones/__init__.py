@@ -1,6 +1,6 @@
 """DINO backbones (ViT-S/B with patch 16/8 on timm, ResNet-50 on torchvision): weights, features."""
 from pipeline.backbones.backbone import FEATURES, Backbone, FeatureOutput, build_backbone
-from pipeline.backbones.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_image
+from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_image  # the data owns it
 from pipeline.backbones.specs import ARCHS, ArchSpec, get_spec
 from pipeline.backbones.vit import dino_interpolate_pos_embed
 from pipeline.backbones.weights import WeightsError, resolve_weights

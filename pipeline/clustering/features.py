@@ -126,7 +126,7 @@ def extract_box_features(
     """
     import torch
 
-    from pipeline.backbones import preprocess_image
+    from pipeline.data.preprocess import preprocess_image
     from pipeline.data import ImageLoadError, load_image
 
     boxes = _boxes_of(coco)

@@ -69,7 +69,7 @@ class MiningImages(torch.utils.data.Dataset):
 
     def __init__(self, records: list[ImageRecord], patch_size: int, indices: list[int] | None = None,
                  max_side: int | None = None, square: int | None = None):
-        from pipeline.backbones import preprocess_image  # fail here, loudly, not inside a worker
+        from pipeline.data.preprocess import preprocess_image
 
         if int(patch_size) < 1:
             raise ValueError(f"patch_size must be >= 1, got {patch_size}")

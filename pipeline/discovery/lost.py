@@ -1,7 +1,7 @@
 """LOST (Siméoni et al., BMVC 2021): seed selection, seed expansion and box, on one image.
 
-Features in, result out; no I/O. Numerics follow DESIGN.md "Numerics that must match the
-reference LOST"; the one deliberate deviation is the stable tie-break of the degree order.
+Features in, result out; no I/O. Numerics follow the reference LOST code (docs/ARCHITECTURE.md,
+"Exactness"); the one deliberate deviation is the stable tie-break of the degree order.
 """
 from __future__ import annotations
 
