@@ -8,7 +8,8 @@ from PIL import Image
 from torch import nn
 
 from pipeline.data.records import ImageRecord
-from pipeline.detection.inference import image_list, predict, to_coco_results, top1_boxes
+from pipeline.detection.inference import image_list, predict, to_coco_results
+from pipeline.evaluation.corloc import top1_boxes
 
 
 class _FixedDetector(nn.Module):
