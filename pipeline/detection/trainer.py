@@ -296,8 +296,8 @@ class PeriodicCheckpoint(Hook):
 
     def after_step(self, trainer):
         if trainer.rank == 0 and (trainer.iteration % self.period == 0 or trainer.last_step):
-            trainer.checkpointer_saved = self.checkpointer.save(trainer.model, trainer.optimizer, trainer.scheduler,
-                                                                trainer.scaler, trainer.iteration)
+            self.checkpointer.save(trainer.model, trainer.optimizer, trainer.scheduler, trainer.scaler,
+                                   trainer.iteration)
 
 
 # --------------------------------------------------------------------------- the loop
