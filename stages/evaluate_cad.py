@@ -60,21 +60,22 @@ def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> 
     if det_path.is_file() and all(prev.get(k) == v for k, v in side.items() if k != "model"):
         print(f"evaluate-cad: reusing {det_path} (made by the same {model_path} on the same images)", flush=True)
         return det_path, prev
-    from stages.common import warn_random
-    from stages.train_common import ap_mode, checkpoint_random_init, detect_and_evaluate, load_trained_detector
+    from pipeline.detection.checkpoint import load_detector
+    from pipeline.evaluation.detections import ap_mode
+    from pipeline.provenance import random_init as is_random
+    from stages.detector_common import detect_score_draw, warn_if_random
 
-    model, ckpt_cfg, iteration = load_trained_detector(model_path, hint="Rerun `make train-cad`.")
-    random_init = checkpoint_random_init(model, ckpt_cfg)
-    if random_init:
-        warn_random(f"detector {model.detector_info.get('preset')}",
-                    f"{model_path} was trained from random weights (detector or pseudo-labels)")
-    cats = list(ckpt_cfg.get("category_ids") or range(1, model.detector_info.get("num_classes", 1) + 1))
+    model, spec, meta = load_detector(model_path, hint="Rerun `make train-cad`.")
+    iteration = meta["iteration"]
+    random_init = is_random(spec=spec, provenance=meta["provenance"])
+    warn_if_random(spec, model_path, random_init, "pseudo-labels")
+    cats = list(spec.category_ids)
     print(f"evaluate-cad: running {model_path} (iteration {iteration}) on {len(records)} images of {gt_desc}", flush=True)
-    ev = detect_and_evaluate(model, records, stage_dir, category_ids=cats,
-                             mode="coco" if cfg.evaluate_cad.gt else ap_mode(cfg.dataset.kind),
-                             device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
-                             progress=bool(cfg.progress), random_init=random_init)
-    names = ckpt_cfg.get("category_names") or []
+    ev = detect_score_draw(model, records, stage_dir, category_ids=cats,
+                           mode="coco" if cfg.evaluate_cad.gt else ap_mode(cfg.dataset.kind),
+                           device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
+                           progress=bool(cfg.progress), random_init=random_init)
+    names = list(spec.category_names or [])
     side.update({"iteration": iteration, "category_ids": cats, "gt": gt_desc,
                  "category_names": {str(c): n for c, n in zip(cats, names)},
                  "random_init": random_init, "class_agnostic": ev})

@@ -5,7 +5,7 @@
     torchrun --standalone --nproc_per_node=4 -m stages.train_cad dataset=voc07   # DDP (make train-cad NPROC=4)
 
 Reads ``${inputs.pseudo_labels}`` (default ``cluster/${train_cad.cluster_run}/pseudo_labels.json``) or
-``train_cad.labels``. Same trainer, artifacts and rules as train-cag (stages/train_common.py), in
+``train_cad.labels``. Same trainer, artifacts and rerun rules as train-cag (stages/train_common.py), in
 ``${stage_dir}`` (``cad/``): detections.json holds the training images' detections with ``category_id`` =
 the cluster category ids of pseudo_labels.json (what ``make evaluate-cad`` matches to classes).
 """
@@ -19,8 +19,10 @@ from stages.config import stage_main
 from stages.common import run_guarded
 from stages.train_common import run_training
 
-FINGERPRINT = ("dataset", "backbone", "detector", "schedule", "seed", "train_cad.labels", "train_cad.cluster_run",
-               "train_cad.image_root", "train_cad.min_box_size", "eval", "viz")
+# What decides the weights (stored in model.pt, compared on reruns); eval/viz/progress/num_workers/device
+# decide only the report (stages.train_common.REPORT_KEYS).
+ARTIFACT_KEYS = ("dataset", "backbone", "detector", "schedule", "seed", "train_cad.labels", "train_cad.cluster_run",
+               "train_cad.image_root", "train_cad.min_box_size")
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -29,7 +31,7 @@ def run(cfg: DictConfig) -> dict | None:
     return run_training(cfg, stage="train_cad", section="train_cad", in_path=path, what="pseudo-label file",
                         hint="Run `make cluster` (python -m stages.cluster) first, pick its run with "
                              "train_cad.cluster_run=<source>/k<K>, or set train_cad.labels=<COCO json>.",
-                        class_agnostic=False, fingerprint_keys=FINGERPRINT)
+                        class_agnostic=False, artifact_keys=ARTIFACT_KEYS)
 
 
 @stage_main("train_cad")

@@ -11,7 +11,10 @@ json; images under ``train_cag.image_root``, else its ``info.image_root``, else 
 ``image_id`` = the json's image ids; what ``cluster.source=cag`` reads), metrics.json (training summary,
 dropped boxes/images, LOST+CAD top-1 CorLoc and class-agnostic AP50/AP against the dataset's GT), viz/,
 manifest.json. Under torchrun every process trains (the global batch is split); only rank 0 evaluates and
-writes. A complete run with the same config and input is skipped (force=true redoes it).
+writes. Reruns (stages/train_common.py): the same config and input is "up to date" (nothing done); a change
+of eval/viz/progress/num_workers/device only redoes inference, scores and pictures on the existing model.pt;
+a change of what decides the weights over an existing model.pt is an error naming the changed keys
+(force=true, make FORCE=1, retrains).
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from stages.config import stage_main
 from stages.common import run_guarded
 from stages.train_common import run_training
 
-FINGERPRINT = ("dataset", "backbone", "miner", "detector", "schedule", "seed", "train_cag.boxes",
-               "train_cag.image_root", "train_cag.min_box_size", "eval", "viz")
+# What decides the weights (stored in model.pt, compared on reruns); eval/viz/progress/num_workers/device
+# decide only the report (stages.train_common.REPORT_KEYS).
+ARTIFACT_KEYS = ("dataset", "backbone", "miner", "detector", "schedule", "seed", "train_cag.boxes",
+               "train_cag.image_root", "train_cag.min_box_size")
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -33,7 +38,7 @@ def run(cfg: DictConfig) -> dict | None:
     return run_training(cfg, stage="train_cag", section="train_cag", in_path=path, what="pseudo-box file",
                         hint="Run `make mine` (python -m stages.mine) with the same dataset/backbone first, or "
                              "set train_cag.boxes=<COCO json>.",
-                        class_agnostic=True, fingerprint_keys=FINGERPRINT)
+                        class_agnostic=True, artifact_keys=ARTIFACT_KEYS)
 
 
 @stage_main("train_cag")

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.records import ImageRecord
-from pipeline.evaluation.coco_ap import build_coco_gt, corloc_top1, evaluate_ap
+from pipeline.evaluation.coco_ap import build_coco_gt, evaluate_ap
+from pipeline.evaluation.corloc import corloc_top1
 
 A = [0.0, 0.0, 100.0, 100.0]
 B = [200.0, 200.0, 300.0, 300.0]

@@ -95,3 +95,33 @@ def test_coco_tiny_crowd_boxes_dropped(coco_tiny):
     # the whole set: no prediction at all -> every image with non-crowd GT is a miss in the denominator
     res = corloc({rec.image_id: normal[0]}, ds.records)
     assert res.hits == 1 and res.total == sum(1 for r in ds.records if (~r.crowd).any())
+
+
+def test_top1_box_is_the_first_of_equal_top_scores_and_none_is_a_miss():
+    from pipeline.evaluation.corloc import corloc_top1, top1_boxes
+
+    dets = [{"image_id": 1, "boxes": np.array([[0, 0, 5, 5], [0, 0, 10, 10], [2, 2, 8, 8]], float),
+             "scores": np.array([0.2, 0.7, 0.7])},
+            {"image_id": 2, "boxes": np.zeros((0, 4)), "scores": np.zeros(0)}]
+    top = top1_boxes(dets)
+    np.testing.assert_array_equal(top[1], [0, 0, 10, 10])  # the first of the two 0.7s
+    assert top[2] is None
+    recs = [ImageRecord("a", 1, "a.jpg", boxes=[[0, 0, 10, 10]], classes=["x"]),
+            ImageRecord("b", 2, "b.jpg", boxes=[[0, 0, 10, 10]], classes=["x"])]
+    res = corloc_top1(dets, recs)
+    assert res.per_image == {"a": True, "b": False} and (res.hits, res.total) == (1, 2)
+
+
+def test_score_detections_counts_everything_and_scores_the_images_with_gt():
+    from pipeline.evaluation.detections import ap_mode, score_detections
+
+    recs = [ImageRecord("a", 1, "a.jpg", 20, 20, boxes=[[0, 0, 10, 10]], classes=["x"]),
+            ImageRecord("b", 2, "b.jpg", 20, 20, has_gt=False)]
+    dets = [{"image_id": 1, "boxes": np.array([[0, 0, 10, 10]], float), "scores": np.array([0.9]), "labels": [1]},
+            {"image_id": 2, "boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": []}]
+    m = score_detections(dets, recs, mode="voc")
+    assert (m["images"], m["detections"], m["images_without_detections"], m["gt_images"]) == (2, 1, 1, 1)
+    assert m["corloc"] == 100.0 and m["AP50"] == pytest.approx(100.0) and m["ap_mode"] == "voc"
+    none = score_detections(dets[1:], recs[1:])
+    assert none["corloc"] is None and none["AP50"] is None and none["ap_mode"] is None
+    assert ap_mode("voc07") == "voc" and ap_mode("coco") == "coco"

@@ -8,7 +8,8 @@ from PIL import Image
 from torch import nn
 
 from pipeline.data.records import ImageRecord
-from pipeline.detection.inference import image_list, predict, to_coco_results, top1_boxes
+from pipeline.detection.inference import image_list, predict, to_coco_results
+from pipeline.evaluation.corloc import top1_boxes
 
 
 class _FixedDetector(nn.Module):
@@ -86,3 +87,17 @@ def test_detection_pictures_mark_the_top_box(tmp_path):
     assert a.shape == (30, 40, 3)
     assert tuple(a[20, 20]) == (255, 40, 40)  # the top box (0.9) is drawn, in red
     assert tuple(a[20, 2]) == (0, 0, 0)  # the 0.2 box is below min_score: not drawn
+
+
+def test_detections_json_keeps_full_score_precision():
+    """Scores are not rounded: 1e-8 apart stays 1e-8 apart (and in order)."""
+    det = {"image_id": 1, "boxes": np.array([[0, 0, 10, 10], [1, 1, 9, 9]], float),
+           "scores": np.array([0.50000002, 0.50000001]), "labels": np.array([1, 1])}
+    res = to_coco_results([det])
+    assert [r["score"] for r in res] == [0.50000002, 0.50000001] and res[0]["score"] != res[1]["score"]
+    # a float32 detector score is written as the decimal it stands for (0.9, not 0.8999999761581421)
+    from pipeline.detection.inference import exact_scores
+
+    s = exact_scores(torch.tensor([0.9, 0.123456789, 1e-8]))
+    assert s.tolist() == [0.9, 0.12345679, 1e-08]
+    assert np.array_equal(s.astype(np.float32), np.array([0.9, 0.123456789, 1e-8], np.float32))

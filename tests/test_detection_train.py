@@ -76,7 +76,7 @@ def test_kill_and_resume_ends_with_the_same_weights(tmp_path):
     _, part = _run(tmp_path / "killed", ds, stop_after=3)
     assert part.iteration == 3 and part.stopped_early
     ckpt = torch.load(tmp_path / "killed" / "model.pt", weights_only=False)
-    assert ckpt["iteration"] == 3 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(ckpt)
+    assert ckpt["iteration"] == 3 and {"model", "optimizer", "scheduler", "rng", "artifact_config"} <= set(ckpt)
     # a fresh process would build the model again (another seed proves the weights come from model.pt)
     resumed_model, resumed = _run(tmp_path / "killed", ds, model_seed=99, resume=True)
     assert (resumed.start_iteration, resumed.iteration) == (3, 6)

@@ -86,8 +86,9 @@ def test_train_cag_writes_model_detections_metrics_manifest(trained, voc07_mini)
     stage, boxes = base / "cag", base / "mine" / "pseudo_boxes.json"
     pseudo = json.loads(boxes.read_text())
     ckpt = torch.load(stage / "model.pt", map_location="cpu", weights_only=False)
-    assert ckpt["iteration"] == 4 and ckpt["config"]["build"]["preset"] == "mobilenet_fpn"
-    assert ckpt["config"]["category_ids"] == [1] and ckpt["detector_info"]["init"] == "random"
+    assert ckpt["iteration"] == 4 and ckpt["spec"]["preset"] == "mobilenet_fpn"
+    assert ckpt["spec"]["category_ids"] == [1] and ckpt["spec"]["init"] == "random"
+    assert ckpt["format"] == "lost-pipeline/detector-v1" and ckpt["provenance"]["stage"] == "train_cag"
     results = json.loads((stage / "detections.json").read_text())
     _check_results(results, {im["id"] for im in pseudo["images"]}, {1})
     assert [json.loads(ln)["iteration"] for ln in (stage / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
@@ -109,7 +110,7 @@ def test_train_cag_writes_model_detections_metrics_manifest(trained, voc07_mini)
     assert man["inputs"]["pseudo_boxes"] == {"path": str(boxes), "sha256": sha256_file(boxes)}
 
 
-def test_rerun_is_up_to_date_and_a_config_change_retrains(trained, capsys):
+def test_rerun_is_up_to_date_and_a_config_change_is_refused(trained, capsys):
     stage = trained["base"] / "cag"
     before = (stage / "model.pt").stat().st_mtime_ns
     _, again = _train_cag(trained["data"])
@@ -118,11 +119,65 @@ def test_rerun_is_up_to_date_and_a_config_change_retrains(trained, capsys):
     from pipeline.status import stage_state
 
     assert stage_state(stage).state == "done"
-    cfg = compose_cfg("train_cag", [*trained["data"], *DET, "schedule.lr=0.004"])
-    from stages.common import config_fingerprint, up_to_date
-    from stages.train_cag import FINGERPRINT
+    from pipeline.artifacts import ArtifactError
 
-    assert not up_to_date(stage, config_fingerprint(cfg, *FINGERPRINT), ("model.pt", "metrics.json"))
+    # a change of what decides the weights is not "up to date": over a finished model it is refused, by key
+    with pytest.raises(ArtifactError, match=r"schedule\.lr: 0\.005 -> 0\.004"):
+        _train_cag(trained["data"], "schedule.lr=0.004")
+    assert (stage / "model.pt").stat().st_mtime_ns == before
+
+
+def _copy_stage(trained, tmp_path):
+    """The fixture's finished cag/ copied (stage_dir decides neither the weights nor the report)."""
+    import shutil
+
+    shutil.copytree(trained["base"] / "cag", tmp_path / "cag")
+    return tmp_path / "cag", [*trained["data"], f"stage_dir={tmp_path / 'cag'}"]
+
+
+def test_a_report_only_change_reuses_the_finished_model(trained, tmp_path, capsys):
+    """viz/eval settings do not retrain: model.pt and metrics.jsonl stay byte-identical, pictures are redone."""
+    stage, data = _copy_stage(trained, tmp_path)
+    model, log = sha256_file(stage / "model.pt"), (stage / "metrics.jsonl").read_bytes()
+    assert len(list((stage / "viz").glob("*.png"))) == 3
+    _, m = _train_cag(data, "viz.num_images=1")
+    out = capsys.readouterr().out
+    assert "only the report changed (viz.num_images: 8 -> 1)" in out and "from scratch" not in out
+    assert sha256_file(stage / "model.pt") == model and (stage / "metrics.jsonl").read_bytes() == log
+    assert len(list((stage / "viz").glob("*.png"))) == 1
+    first = trained["metrics"]
+    assert m["model_reused"] and m["iterations"] == 4 and m["final_loss"] == first["final_loss"]
+    assert m["eval"]["corloc"] == first["eval"]["corloc"] and m["eval"]["AP50"] == first["eval"]["AP50"]
+    assert json.loads((stage / "detections.json").read_text()) == \
+        json.loads((trained["base"] / "cag" / "detections.json").read_text())
+    assert json.loads((stage / "manifest.json").read_text())["model_reused"] is True
+    _, again = _train_cag(data, "viz.num_images=1")  # nothing changed since: up to date, nothing rerun
+    assert "up to date" in capsys.readouterr().out and again == json.loads(json.dumps(m))
+    _train_cag(data, "viz.num_images=2", "eval.batch_size=1", "progress=true")
+    assert "eval.batch_size: 2 -> 1" in capsys.readouterr().out
+    assert sha256_file(stage / "model.pt") == model and len(list((stage / "viz").glob("*.png"))) == 2
+
+
+def test_an_artifact_change_over_a_finished_model_is_refused_until_forced(trained, tmp_path, capsys):
+    from stages.common import run_guarded
+    from stages.train_cag import run
+
+    stage, data = _copy_stage(trained, tmp_path)
+    model = sha256_file(stage / "model.pt")
+    for change, key in (("schedule.lr=0.01", "schedule.lr: 0.005 -> 0.01"), ("seed=3", "seed: 0 -> 3"),
+                        ("train_cag.min_box_size=4", "train_cag.min_box_size: 1.0 -> 4")):
+        with pytest.raises(SystemExit) as e:
+            run_guarded(run, compose_cfg("train_cag", [*data, *DET, change, "viz.num_images=1"]))
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.startswith("error: ") and key in err and "FORCE=1" in err, err
+        assert sha256_file(stage / "model.pt") == model
+    with pytest.raises(SystemExit):  # resume=true does not sneak a change past either
+        run_guarded(run, compose_cfg("train_cag", [*data, *DET, "schedule.lr=0.01", "train_cag.resume=true"]))
+    assert "schedule.lr: 0.005 -> 0.01" in capsys.readouterr().err
+    _, m = _train_cag(data, "schedule.lr=0.01", "force=true")
+    assert not m["model_reused"] and not m["resumed"] and sha256_file(stage / "model.pt") != model
+    assert [json.loads(ln)["iteration"] for ln in (stage / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert torch.load(stage / "model.pt", map_location="cpu", weights_only=False)["artifact_config"]["schedule"]["lr"] == 0.01
 
 
 def test_stop_and_resume_continues_exactly(trained, tmp_path):
@@ -133,6 +188,11 @@ def test_stop_and_resume_continues_exactly(trained, tmp_path):
     ck = torch.load(tmp_path / "cag" / "model.pt", map_location="cpu", weights_only=False)
     assert ck["iteration"] == 2 and not (tmp_path / "cag" / "metrics.json").exists()
     from pipeline.artifacts import ArtifactError
+
+    partial = sha256_file(tmp_path / "cag" / "model.pt")
+    with pytest.raises(ArtifactError, match=r"partial training \(iteration 2 of 4\).*resume=true.*FORCE=1"):
+        _train_cag(common)  # not silently started over
+    assert sha256_file(tmp_path / "cag" / "model.pt") == partial
 
     with pytest.raises(ArtifactError, match="different configuration"):
         _train_cag(common, "train_cag.resume=true", "schedule.lr=0.004")
@@ -194,7 +254,7 @@ def test_dino_init_without_weights_file_is_a_clear_error(trained, tmp_path, caps
 
 def test_configs_encode_the_lost_recipe_and_the_schedules():
     from pipeline.detection.builders import TRAIN_SIZES_480_800
-    from stages.train_common import detector_build_kwargs
+    from stages.train_common import detector_build_kwargs  # the stages' config -> build arguments
 
     cfg = compose_cfg("train_cag", [])
     d, s = cfg.detector, cfg.schedule
@@ -240,7 +300,7 @@ def test_train_cad_then_evaluate_cad_infers_from_the_model(trained, capsys):
     labels = json.loads((base / "cluster" / "lost" / "k2" / "pseudo_labels.json").read_text())
     m = train_cad(compose_cfg("train_cad", [*data, *DET, "train_cad.cluster_run=lost/k2"]))
     ckpt = torch.load(base / "cad" / "model.pt", map_location="cpu", weights_only=False)
-    assert m["num_classes"] == 2 and ckpt["config"]["category_ids"] == [1, 2] and m["category_ids"] == [1, 2]
+    assert m["num_classes"] == 2 and ckpt["spec"]["category_ids"] == [1, 2] and m["category_ids"] == [1, 2]
     cad = json.loads((base / "cad" / "detections.json").read_text())
     _check_results(cad, {im["id"] for im in labels["images"]}, {1, 2})
     man = json.loads((base / "cad" / "manifest.json").read_text())
@@ -301,14 +361,13 @@ def test_full_chain_from_the_command_line(tmp_path, voc07_mini):
 
 
 def test_a_detector_is_random_when_its_weights_or_its_boxes_were():
-    from types import SimpleNamespace
+    from pipeline.detection.checkpoint import DetectorSpec
+    from pipeline.provenance import random_init
 
-    from stages.train_common import checkpoint_random_init
-
-    dino, rand = SimpleNamespace(detector_info={"init": "dino"}), SimpleNamespace(detector_info={"init": "random"})
-    assert checkpoint_random_init(dino, {"boxes_random_init": False}) is False
-    assert checkpoint_random_init(dino, {"boxes_random_init": True}) is True   # real detector, random pseudo-boxes
-    assert checkpoint_random_init(rand, {}) is True
+    dino, rand = DetectorSpec("r50_c4", 1, init="dino"), DetectorSpec("mobilenet_fpn", 1, init="random")
+    assert random_init(spec=dino, provenance={"boxes_random_init": False}) is False
+    assert random_init(spec=dino, provenance={"boxes_random_init": True}) is True   # real detector, random pseudo-boxes
+    assert random_init(spec=rand, provenance={}) is True
 
 
 def test_multi_box_miner_feeds_the_whole_chain_unchanged(tmp_path, voc07_mini):

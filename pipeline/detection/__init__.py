@@ -1,8 +1,12 @@
-"""Faster R-CNN (torchvision) for train-cag / train-cad: presets, training data, trainer, inference.
+"""Faster R-CNN (torchvision) for train-cag / train-cad: presets, training data, trainer, checkpoints, inference.
 
 - ``builders.build_detector``: ``r50_c4`` (LOST's recipe), ``r50_fpn``, ``mobilenet_fpn``; DINO ResNet-50 init.
 - ``data.DetectionDataset``: a COCO json of (pseudo-)boxes -> validated samples; ``InfiniteSampler``.
-- ``trainer.train``: iteration-based SGD, exact resume from ``model.pt``, DDP under torchrun.
-- ``inference.predict`` / ``to_coco_results`` / ``top1_boxes``; ``pictures.write_detection_pictures``.
-AP and LOST+CAD CorLoc live in ``pipeline.evaluation.coco_ap``.
+- ``trainer``: ``Schedule`` (conf/schedule fields), ``Trainer`` + ``Hook`` s (progress, metrics.jsonl,
+  TensorBoard, checkpoints, yours), ``train`` (one call); exact resume, DDP under torchrun.
+- ``checkpoint``: ``DetectorSpec`` (what the detector is), ``Checkpointer`` (model.pt, atomic, RNG states),
+  ``load_detector(path) -> (model, spec, meta)``.
+- ``inference.predict`` / ``to_coco_results``; ``pictures.write_detection_pictures``.
+Scoring detections (top-1 box, LOST+CAD CorLoc, AP) lives in ``pipeline.evaluation`` (``corloc``,
+``detections``, ``coco_ap``), which does not depend on this package.
 """

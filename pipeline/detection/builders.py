@@ -16,7 +16,8 @@ Presets (``num_classes`` = foreground classes, 1 for class-agnostic; the predict
 
 ``init``: ``"random"`` or ``"dino"``/``"imagenet"`` (a torchvision-format ResNet-50 file given as
 ``weights``; nothing is ever downloaded). The returned model carries ``model.detector_info``
-(preset, init, weights path and sha256, classes, sizes) for stamping into outputs.
+(preset, init, weights path and sha256, classes, sizes), for information only: what a trained detector
+is travels as a :class:`pipeline.detection.checkpoint.DetectorSpec` in its checkpoint.
 """
 from __future__ import annotations
 

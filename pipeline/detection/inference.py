@@ -3,7 +3,8 @@
 Images are given as :class:`pipeline.data.records.ImageRecord` objects (``coco_id``, ``path``) or
 COCO image dicts (``id``, ``file_name`` under ``image_root``). Detections are per-image dicts
 ``{"image_id": int, "boxes": (n, 4) float xyxy in original pixels, "scores": (n,), "labels": (n,)
-int (1..K)}``, scores descending as torchvision returns them.
+int (1..K)}``, scores descending as torchvision returns them. Scoring them (CorLoc, AP) is
+:mod:`pipeline.evaluation.detections`; the top-1 box per image is :func:`pipeline.evaluation.corloc.top1_boxes`.
 """
 from __future__ import annotations
 
@@ -51,32 +52,31 @@ def predict(model: torch.nn.Module, images: Iterable, *, image_root: str | os.Pa
         preds = model([load_image(p).to(device) for _, p in batch])
         for (iid, _), p in zip(batch, preds):
             out.append({"image_id": iid, "boxes": p["boxes"].float().cpu().numpy().astype(np.float64),
-                        "scores": p["scores"].float().cpu().numpy().astype(np.float64),
+                        "scores": exact_scores(p["scores"]),
                         "labels": p["labels"].cpu().numpy().astype(np.int64)})
     return out
+
+
+def exact_scores(scores: torch.Tensor) -> np.ndarray:
+    """A detector's (float32) scores as float64 holding the shortest decimal of each float32 (what
+    ``str(np.float32(s))`` prints: ``0.9``, not ``0.8999999761581421``); lossless (each value rounds back
+    to the same float32) and order-preserving."""
+    s = scores.detach().float().cpu().numpy().astype(np.float32).reshape(-1)
+    return np.array([float(str(v)) for v in s], dtype=np.float64)
 
 
 def to_coco_results(detections: Sequence[dict], category_ids: Sequence[int] | None = None) -> list[dict]:
     """COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
 
     ``category_ids[label - 1]`` is the category id written for label ``label`` (the dataset's
-    ``category_ids``); None writes the label itself.
+    ``category_ids``); None writes the label itself. Scores are written at full float precision (no
+    rounding: two detections whose scores differ by 1e-8 stay distinct and keep their order); boxes
+    are rounded to 1e-3 px.
     """
     res = []
     for d in detections:
         for box, score, label in zip(xyxy_to_xywh(d["boxes"]), d["scores"], d["labels"]):
             cat = int(label) if category_ids is None else int(category_ids[int(label) - 1])
             res.append({"image_id": int(d["image_id"]), "category_id": cat,
-                        "bbox": [round(float(v), 3) for v in box], "score": round(float(score), 6)})
+                        "bbox": [round(float(v), 3) for v in box], "score": float(score)})
     return res
-
-
-def top1_boxes(detections: Sequence[dict]) -> dict[int, np.ndarray | None]:
-    """The top-scoring box of each image (``None`` when the detector found nothing): LOST+CAD's box."""
-    out = {}
-    for d in detections:
-        if len(d["scores"]) == 0:
-            out[int(d["image_id"])] = None
-        else:
-            out[int(d["image_id"])] = np.asarray(d["boxes"][int(np.argmax(d["scores"]))], dtype=np.float64)
-    return out

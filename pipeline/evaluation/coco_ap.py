@@ -112,18 +112,3 @@ def evaluate_ap(records: Sequence, results: Sequence[dict], *, mode: str = "voc"
             ap50 = float(np.mean(p50[p50 > -1])) * 100 if (p50 > -1).any() else float("nan")
             out["per_category"][cat["name"]] = {"AP50": ap50, "AP": ap}
     return out
-
-
-def corloc_top1(detections: Sequence[dict], records: Sequence):
-    """LOST+CAD CorLoc: each image's top-scoring detection (none = a miss) scored by
-    :func:`pipeline.evaluation.corloc.corloc` (IoU >= 0.5 with any GT box)."""
-    from pipeline.detection.inference import top1_boxes
-    from pipeline.evaluation.corloc import corloc
-
-    top = top1_boxes(detections)
-    by_coco = {int(r.coco_id): r.image_id for r in records}
-    missing = [r.image_id for r in records if int(r.coco_id) not in top]
-    if missing:
-        raise ValueError(f"no detections entry for {len(missing)} image(s) (e.g. {missing[:3]}): run the detector "
-                         "on every image of the mined set")
-    return corloc({by_coco[i]: b for i, b in top.items() if i in by_coco}, records)

@@ -7,10 +7,14 @@ already). A missing or None prediction (e.g. a corrupt image) is a miss and stay
 denominator. Images without any GT box left (none annotated, or all crowd) are skipped: LOST
 discards them (its ``no_hard`` path) and its IoU would be undefined; they are listed in ``skipped``.
 Records with ``has_gt=False`` are skipped too; when nothing has GT, ``corloc`` is None.
+
+A detector's CorLoc (LOST+CAD) scores its top-scoring box per image: :func:`top1_boxes` (an image
+without detections is a miss) and :func:`corloc_top1`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -75,3 +79,35 @@ def corloc(pred_boxes: dict[str, np.ndarray | None], records: list[ImageRecord],
     hits = int(sum(per_image.values()))
     value = 100.0 * hits / total if total else None
     return CorLocResult(corloc=value, hits=hits, total=total, per_image=per_image, ious=ious, skipped=skipped)
+
+
+# --------------------------------------------------------------------------- a detector's top-1 box
+def top1_boxes(detections: Sequence[dict]) -> dict[int, np.ndarray | None]:
+    """The top-scoring box of each image (LOST+CAD's box); ``None`` when the detector found nothing.
+
+    ``detections``: per-image dicts ``{"image_id": int, "boxes": (n, 4) xyxy, "scores": (n,)}``.
+    Ties are broken stably by score: among detections of equal (maximal) score, the first one in the
+    image's list wins (``np.argmax`` returns the first maximum), whatever order the scores came in.
+    """
+    out: dict[int, np.ndarray | None] = {}
+    for d in detections:
+        scores = np.asarray(d["scores"], dtype=np.float64).reshape(-1)
+        if len(scores) == 0:
+            out[int(d["image_id"])] = None
+        else:
+            out[int(d["image_id"])] = np.asarray(d["boxes"][int(np.argmax(scores))], dtype=np.float64)
+    return out
+
+
+def corloc_top1(detections: Sequence[dict], records: Sequence[ImageRecord],
+                iou_threshold: float = 0.5) -> CorLocResult:
+    """LOST+CAD CorLoc: each image's top-scoring detection (:func:`top1_boxes`; none = a miss) scored by
+    :func:`corloc` (IoU >= ``iou_threshold`` with any GT box). ``image_id`` of the detections is the
+    records' ``coco_id``; every record needs a detections entry (possibly empty)."""
+    top = top1_boxes(detections)
+    by_coco = {int(r.coco_id): r.image_id for r in records}
+    missing = [r.image_id for r in records if int(r.coco_id) not in top]
+    if missing:
+        raise ValueError(f"no detections entry for {len(missing)} image(s) (e.g. {missing[:3]}): run the detector "
+                         "on every image of the mined set")
+    return corloc({by_coco[i]: b for i, b in top.items() if i in by_coco}, list(records), iou_threshold)

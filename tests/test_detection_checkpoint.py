@@ -1,0 +1,127 @@
+"""pipeline.detection.checkpoint and the trainer's pieces: DetectorSpec, load_detector, Schedule, hooks;
+and the module boundaries (scoring without the detector package, evaluation stages without training)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifacts import ArtifactError
+from pipeline.detection.checkpoint import FORMAT, Checkpointer, DetectorSpec, load_detector
+from pipeline.detection.trainer import Hook, Schedule, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(min_size=[56, 64], max_size=96, rpn_topk=[60, 20, 60, 10], batch_size_per_image=16,
+            rpn_batch_size_per_image=32, seed=5)
+
+
+def test_schedule_fields_mirror_the_schedule_configs():
+    from dataclasses import fields
+
+    from stage_utils import compose_cfg
+    from stages.common import to_container
+
+    names = {f.name for f in fields(Schedule)}
+    for path in sorted((REPO / "conf" / "schedule").glob("*.yaml")):
+        d = to_container(compose_cfg("train_cag", [f"schedule={path.stem}"]).schedule)
+        assert set(d) == names, path.name
+        assert Schedule.from_dict(d).to_dict() == d, path.name
+    smoke = Schedule.from_dict(to_container(compose_cfg("train_cag", ["schedule=smoke"]).schedule))
+    assert (smoke.iterations, smoke.batch_size, smoke.steps, smoke.min_size, smoke.amp) == (4, 2, (3,), (128, 160), False)
+    with pytest.raises(ValueError, match="unknown schedule key.*'iters'"):
+        Schedule.from_dict({"iterations": 1, "batch_size": 1, "lr": 0.1, "iters": 3})
+
+
+def test_spec_round_trips_and_load_detector_rebuilds_the_trained_model(tmp_path):
+    spec = DetectorSpec.from_build_kwargs({"preset": "mobilenet_fpn", "num_classes": 2, "init": "random",
+                                           "weights": None, **TINY}, category_ids=[3, 7], category_names=["a", "b"])
+    assert DetectorSpec.from_dict(spec.to_dict()) == spec and spec.random_init and spec.weights_sha256 is None
+    model = spec.build_model()
+    with torch.no_grad():  # make the weights differ from a fresh build of the spec
+        for p in model.roi_heads.box_predictor.parameters():
+            p.add_(0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    ck = Checkpointer(tmp_path / "model.pt", spec=spec, schedule={"iterations": 10},
+                      artifact_config={"seed": 0}, provenance={"stage": "unit"})
+    ck.save(model, opt, sched, scaler, iteration=10)
+    raw = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert raw["format"] == FORMAT and {"spec", "model", "optimizer", "scheduler", "iteration", "rng",
+                                        "artifact_config", "provenance"} <= set(raw)
+    loaded, spec2, meta = load_detector(tmp_path / "model.pt")
+    assert spec2 == spec and spec2.category_ids == [3, 7] and not loaded.training
+    assert meta["iteration"] == 10 and meta["complete"] and meta["provenance"] == {"stage": "unit"}
+    image = [torch.rand(3, 60, 80)]
+    model.eval()
+    with torch.no_grad():
+        a, b = model(image)[0], loaded(image)[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_older_or_foreign_checkpoints_are_a_clear_error(tmp_path):
+    torch.save({"model": {}, "config": {"build": {}}, "detector_info": {}}, tmp_path / "old.pt")
+    with pytest.raises(ArtifactError, match="older version.*FORCE=1"):
+        load_detector(tmp_path / "old.pt")
+    with pytest.raises(ArtifactError, match="not found"):
+        load_detector(tmp_path / "none.pt", hint="Run make train-cag.")
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, images, targets):
+        feats = torch.stack([im.mean(dim=(1, 2)) for im in images])
+        return {"loss_toy": ((self.lin(feats) - torch.stack([t["boxes"][0] / 80 for t in targets])) ** 2).mean()}
+
+
+def test_extra_hooks_are_called_around_the_steps(tmp_path):
+    from test_detection_train import _synthetic_dataset
+
+    calls = []
+
+    class Recorder(Hook):
+        def before_train(self, trainer):
+            calls.append(("before", trainer.start_iteration))
+
+        def after_step(self, trainer):
+            calls.append(("step", trainer.iteration, round(trainer.lr, 6), "loss_toy" in trainer.loss_dict))
+
+        def after_train(self, trainer):
+            calls.append(("after", trainer.iteration))
+
+    ds = _synthetic_dataset(tmp_path, n=2)
+    sch = Schedule(iterations=3, batch_size=2, lr=0.1, warmup_iters=0, checkpoint_period=2, log_period=1)
+    res = train(_Toy(), ds, sch, out_dir=tmp_path / "run", progress=False, hooks=[Recorder()])
+    assert res.iteration == 3
+    assert calls == [("before", 0), ("step", 1, 0.1, True), ("step", 2, 0.1, True), ("step", 3, 0.1, True),
+                     ("after", 3)]
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=False)["schedule"]["iterations"] == 3
+    with pytest.raises(TypeError, match="either a Schedule or its fields"):
+        train(_Toy(), ds, sch, out_dir=tmp_path / "x", lr=0.2)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_module_boundaries():
+    for p in (REPO / "pipeline" / "evaluation").glob("*.py"):  # scoring does not need the detector package
+        assert not any(m.startswith("pipeline.detection") for m in _imports(p)), p.name
+    shared = {"stages.common", "stages.detector_common"}
+    for p in (REPO / "stages").glob("*.py"):  # no stage imports another stage; evaluation never training
+        own = {"stages.train_common"} if p.stem in ("train_cag", "train_cad") else set()
+        stray = {m for m in _imports(p) if m.startswith("stages.")} - shared - own
+        assert not stray, (p.name, stray)
