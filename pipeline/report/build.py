@@ -412,7 +412,7 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
                                                  if (p / "metrics.json").is_file())]
         sections = ["provenance"] + (["mining"] if mining else []) + (["train-cag"] if cag else []) + \
             (["cluster"] if clusters else []) + (["train-cad"] if cad else []) + (["evaluate-cad"] if evals else [])
-        random_sources = sorted(set(b.random_sources))
+        random_sources = list(dict.fromkeys(b.random_sources))  # discovery order: mine first
         summary = {
             "title": title or f"{root.parent.name} / {root.name}", "dataset": root.parent.name,
             "backbone": root.name, "root": str(root), "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(),
