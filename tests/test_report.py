@@ -182,3 +182,18 @@ def test_summary_is_json_serialisable_and_html_escapes(experiment):
     html = (experiment / "report" / "index.html").read_text()
     assert "<b>x.jpg" not in html and "&lt;b&gt;x.jpg" in html
     json.loads((experiment / "report" / "summary.json").read_text())
+
+
+def test_several_miners_side_by_side(experiment):
+    import shutil
+
+    shutil.copytree(experiment / "mine", experiment / "mine_dinoseg")
+    mp = experiment / "mine_dinoseg" / "metrics.json"
+    write_json(mp, {**read_json(mp), "method": "dinoseg", "corloc": 33.3})
+    s = build_report(experiment)
+    assert [m["stage"] for m in s["mining"]] == ["mine", "mine_dinoseg"]
+    assert [m["published_corloc"] for m in s["mining"]] == [61.9, 45.8]
+    assert "mine_dinoseg" in {st["stage"] for st in s["provenance"]["stages"]}
+    p = check_self_contained(experiment / "report")
+    assert {"mining-mine", "mining-mine_dinoseg"} <= p.ids
+    assert len({q["src"] for m in s["mining"] for q in m["pictures"]}) == 6   # no picture overwrites another
