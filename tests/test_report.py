@@ -197,3 +197,20 @@ def test_several_miners_side_by_side(experiment):
     p = check_self_contained(experiment / "report")
     assert {"mining-mine", "mining-mine_dinoseg"} <= p.ids
     assert len({q["src"] for m in s["mining"] for q in m["pictures"]}) == 6   # no picture overwrites another
+
+
+def test_without_ground_truth(experiment, tmp_path):
+    """A folder of images (no GT): no hit/miss marks, the worst images are the lowest-scoring boxes,
+    no purity/NMI; nothing breaks."""
+    for f in (experiment / "mine" / "pseudo_boxes.json", experiment / "cluster" / "lost" / "k2" / "pseudo_labels.json"):
+        coco = read_json(f)
+        coco["info"]["config"]["dataset"] = {"kind": "folder", "root": coco["info"]["image_root"], "name": "voc07"}
+        write_json(f, coco)
+    s = build_report(experiment)
+    m = s["mining"][0]
+    assert [q["hit"] for q in m["pictures"]] == [None] * 3 and "corloc_recomputed" not in m
+    assert [w["image_id"] for w in m["worst"]] == ["4", "5", "6"] and all(w["hit"] is None for w in m["worst"])
+    assert s["cluster"][0]["quality"] is None and s["cluster"][0]["heatmap"] is None
+    html = (experiment / "report" / "index.html").read_text()
+    assert "purity/NMI skipped" in html and "MISS" not in html
+    check_self_contained(experiment / "report")
