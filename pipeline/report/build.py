@@ -5,6 +5,10 @@ is written), makes PNG plots, copies the stages' pictures, renders ``index.html`
 and writes ``summary.json``: a self-contained folder that opens from disk, offline, without JavaScript.
 Every section appears only when its stage has run; the provenance section says which stages are done,
 stale (an input changed since they ran, as ``make status``) or missing, and what to run.
+
+Cluster purity/NMI: taken from the cluster stage's ``metrics.json`` key ``cluster_quality`` (the dict of
+:func:`pipeline.evaluation.cluster_quality.cluster_quality_for_boxes`) when it is there, else computed here
+from ``pseudo_labels.json`` and the GT of the dataset recorded in its ``info.config.dataset``.
 """
 from __future__ import annotations
 
