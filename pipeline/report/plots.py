@@ -25,7 +25,8 @@ def _figure(w: float, h: float, ncols: int = 1):
 
 def _save(fig, path: str | os.PathLike, random_init: bool) -> Path:
     if random_init:
-        fig.text(0.5, 0.5, RANDOM_MARK, ha="center", va="center", fontsize=13, color="#c00000", alpha=0.35,
+        size = max(6.0, min(13.0, 2.2 * fig.get_figwidth()))  # fits the narrow figures too
+        fig.text(0.5, 0.5, RANDOM_MARK, ha="center", va="center", fontsize=size, color="#c00000", alpha=0.35,
                  rotation=20, weight="bold")
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
