@@ -2,6 +2,7 @@
 #   make demo                    LOST on the embedded demo photos
 #   make test                    the test suite
 #   make mine ARGS="dataset=voc07 backbone=dino_vits16"
+#   make report ARGS="dataset=voc07"  HTML page of an experiment: outputs/<dataset>/<backbone>/report/index.html
 # ARGS is passed to the stage as Hydra overrides (use -m for a multirun sweep).
 # FORCE=1 (or true, yes) redoes a stage even if its results are complete.
 
@@ -39,10 +40,10 @@ endif
 endif
 
 .PHONY: install demo test test-all mine merge train-cag evaluate-cag cluster train-cad evaluate-cad \
-        status data-voc07 data-voc12 data-coco data-coco20k benchmark clean-outputs help
+        status report data-voc07 data-voc12 data-coco data-coco20k benchmark clean-outputs help
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,7p' Makefile
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,6 +90,9 @@ cluster: $(STAMP)
 
 evaluate-cad: $(STAMP)
 	$(PY) -m stages.evaluate_cad $(ARGS)
+
+report: $(STAMP)
+	$(PY) -m stages.report $(ARGS)
 
 data-voc07: $(STAMP)
 	$(PY) -m pipeline.data.download voc07 --root $(DATA_ROOT)

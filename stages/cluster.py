@@ -104,6 +104,19 @@ def _redraw_galleries(cfg: DictConfig, stage_dir: Path, changes) -> dict:
     return metrics
 
 
+def _cluster_quality(cfg: DictConfig, labels_coco: dict) -> dict | None:
+    """Purity and NMI of the clusters against the dataset's GT classes (each box takes the class of its best
+    GT box at IoU >= 0.5; see pipeline.evaluation.cluster_quality), None without GT."""
+    from pipeline.data import DatasetError
+    from pipeline.evaluation.cluster_quality import cluster_quality_for_boxes
+
+    try:
+        ds = build_dataset_from_cfg(cfg)
+    except (DatasetError, FileNotFoundError):  # boxes of another dataset (cluster.boxes=...): no GT here
+        return None
+    return cluster_quality_for_boxes(labels_coco, ds.records) if ds.has_gt else None
+
+
 def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, in_path: Path, desc: dict, key) -> None:
     from pipeline.artifacts import write_manifest
 
@@ -169,6 +182,7 @@ def run(cfg: DictConfig) -> dict:
                "sizes": [int(s) for s in result.sizes], "empty_clusters": int((result.sizes == 0).sum()),
                "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
                "kmeans_seconds": round(t_km, 3), "random_init": random_init, "source": str(c.source)}
+    metrics["cluster_quality"] = _cluster_quality(cfg, labels_coco)
     write_json(stage_dir / "metrics.json", metrics)
     _write_manifest(cfg, stage_dir, timer, in_path, desc, feats.key)
     _print_summary(stage_dir, feat_dir, metrics)
@@ -178,9 +192,12 @@ def run(cfg: DictConfig) -> dict:
 def _print_summary(stage_dir: Path, feat_dir: Path, m: dict) -> None:
     how = "loaded from cache" if m["features_from_cache"] else f"computed in {m['feature_seconds']:.1f} s"
     tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if m["random_init"] else ""
+    q = m.get("cluster_quality")
+    quality = "" if not q or q.get("purity") is None else (f"\npurity {q['purity']:.3f}, NMI {q['nmi']:.3f} against the GT classes "
+                                f"({q['matched']}/{q['boxes']} boxes matched a GT box){tag}")
     print(f"cluster: {m['boxes']} boxes ({m['skipped']} skipped), features {how} ({feat_dir})\n"
           f"K-means k={m['k']}: inertia {m['inertia']:.4f}, sizes {m['sizes']}{tag}\n"
-          f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/)", flush=True)
+          f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/){quality}", flush=True)
 
 
 @stage_main("cluster")

@@ -200,6 +200,12 @@ class VizConf:
 
 
 @dataclass
+class ReportConf:
+    max_pictures: int = 12
+    worst: int = 4
+
+
+@dataclass
 class PipelineConf:
     """The shared top level (conf/pipeline.yaml); every stage composes all of it, so one ARGS serves a chain."""
     paths: Any = MISSING
@@ -221,6 +227,7 @@ class PipelineConf:
     evaluate_cad: EvaluateCadConf = field(default_factory=EvaluateCadConf)
     eval: EvalConf = field(default_factory=EvalConf)
     viz: VizConf = field(default_factory=VizConf)
+    report: ReportConf = field(default_factory=ReportConf)
     base_dir: str = MISSING
     dirs: Any = MISSING
     inputs: Any = MISSING
