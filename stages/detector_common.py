@@ -31,7 +31,7 @@ def detect_score_draw(model, records: Sequence, out_dir: Path, *, category_ids: 
     return the scores (LOST+CAD top-1 CorLoc, class-agnostic AP50/AP over the records with GT) with
     ``inference_seconds``."""
     from pipeline.detection.inference import predict, to_coco_results
-    from pipeline.detection.pictures import write_detection_pictures
+    from pipeline.viz.detections import write_detection_pictures
     from pipeline.evaluation.detections import score_detections
 
     t0 = time.time()

@@ -112,7 +112,6 @@ class Pictures:
 def finalize(cfg: DictConfig, run: MiningRun, dataset, rows: list[dict], timer: Timer, run_stats: dict,
              made: list[str]) -> dict:
     """Every image has a row: write pseudo_boxes.json, metrics.json and the manifest."""
-    from pipeline.artifacts import write_manifest
     from pipeline.evaluation.corloc import corloc
     from pipeline.evaluation.multi import multi_box_scores
 

@@ -116,7 +116,7 @@ def decide(ckpt_path: Path, artifact: dict, *, resume: bool, section: str) -> st
     ``"resume"`` (partial, ``resume=true``, same artifact config) or ``"report"`` (complete, same artifact
     config: only inference/evaluation/pictures are redone). Anything else is an :class:`ArtifactError`
     naming the changed keys: a model is never overwritten without ``force=true``."""
-    from pipeline.detection.checkpoint import checkpoint_complete, read_checkpoint
+    from pipeline.detection.checkpoint import read_checkpoint
 
     if not ckpt_path.is_file():
         return "train"

@@ -76,7 +76,7 @@ def test_real_detector_returns_boxes_in_original_pixels(tmp_path):
 
 
 def test_detection_pictures_mark_the_top_box(tmp_path):
-    from pipeline.detection.pictures import write_detection_pictures
+    from pipeline.viz.detections import write_detection_pictures
 
     recs = _images(tmp_path, sizes=((40, 30), (20, 10)))
     dets = [{"image_id": 10, "boxes": np.array([[2.0, 16, 12, 26], [20, 10, 40, 30]]), "scores": np.array([0.2, 0.9]),

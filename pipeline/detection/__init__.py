@@ -6,7 +6,7 @@
   TensorBoard, checkpoints, yours), ``train`` (one call); exact resume, DDP under torchrun.
 - ``checkpoint``: ``DetectorSpec`` (what the detector is), ``Checkpointer`` (model.pt, atomic, RNG states),
   ``load_detector(path) -> (model, spec, meta)``.
-- ``inference.predict`` / ``to_coco_results``; ``pictures.write_detection_pictures``.
+- ``inference.predict`` / ``to_coco_results`` (pictures of detections: ``pipeline.viz.detections``).
 Scoring detections (top-1 box, LOST+CAD CorLoc, AP) lives in ``pipeline.evaluation`` (``corloc``,
 ``detections``, ``coco_ap``), which does not depend on this package.
 """

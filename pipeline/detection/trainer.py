@@ -113,7 +113,6 @@ def _trim_metrics(path: Path, upto: int) -> None:
 
 
 # --------------------------------------------------------------------------- the schedule
-SIZE_KEYS = ("min_size", "max_size", "test_min_size", "batch_size_per_image", "rpn_batch_size_per_image", "rpn_topk")
 
 
 def _ints(v):
@@ -125,8 +124,8 @@ class Schedule:
     """A training schedule; the fields are those of ``conf/schedule/*.yaml`` (see there for their meaning).
 
     ``batch_size`` is the global batch (split over DDP processes); ``amp`` applies on CUDA only;
-    ``clip_grad`` None = no clipping. The size fields (``min_size`` ... ``rpn_topk``) override the
-    detector's when not None; the trainer itself does not read them (they are build arguments).
+    ``clip_grad`` None = no clipping. Image sizes and RoI sampling are the detector's (``conf/detector``;
+    ``schedule=smoke`` shrinks them by a Hydra override).
     """
     iterations: int
     batch_size: int
@@ -142,12 +141,6 @@ class Schedule:
     amp: bool = True
     clip_grad: float | None = None
     name: str = "custom"
-    min_size: int | tuple[int, ...] | None = None
-    max_size: int | None = None
-    test_min_size: int | None = None
-    batch_size_per_image: int | None = None
-    rpn_batch_size_per_image: int | None = None
-    rpn_topk: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.iterations, self.batch_size = int(self.iterations), int(self.batch_size)
@@ -157,12 +150,6 @@ class Schedule:
         self.checkpoint_period, self.log_period = int(self.checkpoint_period), int(self.log_period)
         self.amp, self.name = bool(self.amp), str(self.name)
         self.clip_grad = None if self.clip_grad is None else float(self.clip_grad)
-        if self.min_size is not None:
-            self.min_size = int(self.min_size) if isinstance(self.min_size, (int, float)) else _ints(self.min_size)
-        self.rpn_topk = _ints(self.rpn_topk)
-        for k in ("max_size", "test_min_size", "batch_size_per_image", "rpn_batch_size_per_image"):
-            if getattr(self, k) is not None:
-                setattr(self, k, int(getattr(self, k)))
         if self.iterations < 0 or self.batch_size < 1 or self.checkpoint_period < 1 or self.log_period < 1:
             raise ValueError(f"schedule {self.name}: iterations >= 0, batch_size, checkpoint_period and log_period "
                              f">= 1 expected, got {self.iterations}, {self.batch_size}, {self.checkpoint_period}, "

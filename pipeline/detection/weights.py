@@ -13,7 +13,6 @@ a :class:`WeightsError` names the keys and the file.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 

@@ -1,6 +1,6 @@
 """Pictures of detections: the image, its top detections (red, with scores) and GT boxes (green).
 
-(Was ``pipeline.detection.pictures``, which still re-exports it.)
+(Pictures live in viz/ with the mining pictures: shared colours, fonts and one ``save_png``.)
 """
 from __future__ import annotations
 
