@@ -261,4 +261,5 @@ def test_arch_specs_and_configs():
         assert (s.patch_size, s.embed_dim, s.num_heads) == (p, d, h)
         assert s.url == f"{base}{name}/{name}.pth" and s.weights_file == f"{name}.pth"
         cfg = yaml.safe_load((ROOT / "conf" / "backbone" / f"{arch}.yaml").read_text())
-        assert cfg == {"name": arch, "arch": arch, "init": "pretrained", "weights": None, "seed": 0, "feature": "k"}
+        assert cfg == {"defaults": ["backbone_schema", "_self_"], "name": arch, "arch": arch, "init": "pretrained",
+                       "weights": None, "seed": 0, "feature": "k"}

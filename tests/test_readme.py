@@ -48,3 +48,23 @@ def test_slurm_example_composes(command):
         if a.startswith("hydra.launcher."):
             key, val = a[len("hydra.launcher."):].split("=")
             assert f"{key}: {val}" in proc.stdout
+
+
+def test_python_example_runs(tmp_path, monkeypatch):
+    """The README's "Use it from Python" block, as written, on a real photo (random weights: offline)."""
+    import numpy as np
+    from PIL import Image
+
+    import pipeline.backbones as backbones
+
+    block = README.split("<!-- python-example")[1].split("```python\n")[1].split("```")[0]
+    assert len([ln for ln in block.splitlines() if ln.strip()]) <= 12
+    real = backbones.build_backbone
+    monkeypatch.setattr(backbones, "build_backbone", lambda arch, **kw: real(arch, init="random", **kw))
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save("photo.jpg")
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    box = namespace["result"].box
+    assert 0 <= box[0] < box[2] <= 90 and 0 <= box[1] < box[3] <= 70
+    assert Image.open("photo_lost.png").size[0] >= 90

@@ -10,3 +10,11 @@
 Scoring detections (top-1 box, LOST+CAD CorLoc, AP) lives in ``pipeline.evaluation`` (``corloc``,
 ``detections``, ``coco_ap``), which does not depend on this package.
 """
+from pipeline.detection.builders import PRESETS, build_detector
+from pipeline.detection.checkpoint import Checkpointer, DetectorSpec, load_detector
+from pipeline.detection.data import DetectionDataset
+from pipeline.detection.inference import predict, to_coco_results
+from pipeline.detection.trainer import Hook, Schedule, Trainer, train
+
+__all__ = ["PRESETS", "Checkpointer", "DetectionDataset", "DetectorSpec", "Hook", "Schedule", "Trainer",
+           "build_detector", "load_detector", "predict", "to_coco_results", "train"]
