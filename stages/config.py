@@ -333,6 +333,19 @@ def unknown_keys(config_name: str, args: list[str]) -> list[str]:
     return out
 
 
+def launcher_errors(args: list[str]) -> list[str]:
+    """``hydra/launcher=slurm*`` submits with SLURM's ``sbatch``: without it (and not just printing the config
+    with ``--cfg``/``--info``) say so in one line instead of submitit's traceback."""
+    import shutil
+
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
+    printing = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in args)
+    if launcher and launcher.startswith("slurm") and not printing and shutil.which("sbatch") is None:
+        return [f"hydra/launcher={launcher} submits jobs with SLURM, but this machine has no `sbatch`: run the "
+                "command on a SLURM login node, or use hydra/launcher=local (local processes) or no launcher"]
+    return []
+
+
 def stage_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
     """``@stage_main("mine")`` = ``@hydra.main(config_path="../conf", config_name="mine")`` plus the check of
     command-line keys (a misspelled key is one ``error:`` line naming the nearest valid key, exit 2)."""
@@ -342,7 +355,7 @@ def stage_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
         hydra_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)
 
         def main() -> None:
-            errors = unknown_keys(config_name, sys.argv[1:])
+            errors = unknown_keys(config_name, sys.argv[1:]) + launcher_errors(sys.argv[1:])
             if errors:
                 for e in errors:
                     print(f"error: {e}", file=sys.stderr)

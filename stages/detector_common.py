@@ -35,11 +35,13 @@ def detect_score_draw(model, records: Sequence, out_dir: Path, *, category_ids: 
     from pipeline.evaluation.detections import score_detections
 
     t0 = time.time()
-    dets = predict(model, records, device=device, batch_size=batch_size, progress=progress)
+    unreadable: list[dict] = []
+    dets = predict(model, records, device=device, batch_size=batch_size, progress=progress, failures=unreadable)
     write_json(out_dir / "detections.json", to_coco_results(dets, list(category_ids)), indent=None)  # one line
     seconds = round(time.time() - t0, 3)
     m = score_detections(dets, records, mode=mode, voc_difficult=voc_difficult)
     m["inference_seconds"] = seconds
+    m["unreadable_images"] = unreadable  # skipped (a miss for CorLoc), listed: never a traceback
     shutil.rmtree(out_dir / "viz", ignore_errors=True)
     if viz_images > 0:
         write_detection_pictures(dets, records, out_dir / "viz", num_images=viz_images, min_score=viz_min_score,
@@ -50,6 +52,8 @@ def detect_score_draw(model, records: Sequence, out_dir: Path, *, category_ids: 
 def format_eval(ev: dict, random_init: bool) -> list[str]:
     tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if random_init else ""
     lines = [f"detections: {ev['detections']} on {ev['images']} images ({ev['images_without_detections']} without any)"]
+    for f in (ev.get("unreadable_images") or [])[:10]:
+        lines.append(f"  unreadable, skipped (a miss): {f['path']}: {f['error']}")
     if ev.get("corloc") is not None:
         lines.append(f"LOST+CAD CorLoc (top-1 box): {ev['corloc']:.2f} % ({ev['corloc_hits']}/{ev['corloc_total']}){tag}")
     if ev.get("AP50") is not None:

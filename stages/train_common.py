@@ -67,7 +67,7 @@ def training_set_records(cfg: DictConfig, coco: dict, root: Path) -> tuple[list,
     """ImageRecords of the json's images that exist on disk, with the configured dataset's GT where the
     record has the same coco_id and path; (records, number of images missing on disk)."""
     from pipeline.data.records import ImageRecord
-    from pipeline.detection.data import resolve_image_path
+    from pipeline.data.paths import resolve_image_path
 
     gt = {int(r.coco_id): r for r in build_dataset_from_cfg(cfg).records if r.has_gt}
     out, missing = [], 0
@@ -287,5 +287,11 @@ def print_summary(stage: str, stage_dir: Path, m: dict) -> None:
         lines.append(f"  missing: {p}")
     if "eval" in m:
         lines += format_eval(m["eval"], m["random_init"])
-    lines.append(f"artifacts: {stage_dir}/ (model.pt, metrics.jsonl, metrics.json, detections.json, viz/, manifest.json)")
+    made = ["metrics.json", "manifest.json"] if m.get("model_reused") else \
+        ["model.pt", "metrics.jsonl", "metrics.json", "manifest.json"]
+    if "eval" in m:
+        made.insert(-1, "detections.json")
+        if any((stage_dir / "viz").glob("*.png")):
+            made.insert(-1, "viz/")
+    lines.append(f"artifacts: {stage_dir}/ ({', '.join(made)})")
     print("\n".join(lines), flush=True)

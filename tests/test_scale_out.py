@@ -242,3 +242,13 @@ def test_status_partial_upstream_propagation_and_annotations(tmp_path, voc07_min
                                      "detector=mobilenet_fpn", "schedule=smoke", "miner=dinoseg", "cluster.k=3",
                                      "+experiment=lost_voc07", "dataset=folder"], check=False)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
+    import shutil
+
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has SLURM")
+    proc = run_cli("stages.mine", ["-m", "hydra/launcher=slurm", f"paths.output_root={tmp_path}"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: hydra/launcher=slurm") and "hydra/launcher=local" in proc.stderr

@@ -396,3 +396,30 @@ def test_multi_box_miner_feeds_the_whole_chain_unchanged(tmp_path, voc07_mini):
     assert cad["num_classes"] == 2
     res = evaluate_cad(compose_cfg("evaluate_cad", [*data, *DET, "progress=false"]))
     assert 0 <= res["mean"]["AP50"] <= 100
+
+
+def test_corrupt_and_hidden_files_go_through_every_stage(tmp_path, capsys):
+    """A corrupt JPEG and a macOS `._x.JPG` in a folder: mine lists the corrupt one and skips the hidden one;
+    train-cag trains on the rest and its detection pass skips and lists the corrupt image; evaluate-cag too."""
+    from PIL import Image
+
+    from stages.evaluate_cag import run as evaluate_cag
+    from stages.mine import run as mine
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(src / f"im{i}.jpg")
+    good = (src / "im0.jpg").read_bytes()
+    (src / "broken.jpg").write_bytes(good[: len(good) // 2])
+    (src / "._im0.JPG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    data = [f"paths.output_root={tmp_path / 'out'}", "dataset=folder", f"dataset.root={src}", "backbone.init=random"]
+    m = mine(compose_cfg("mine", [*data, "num_workers=0", "progress=false", "viz.num_images=0"]))
+    assert m["images"] == 4 and m["failures"] == 1 and m["failed_images"][0]["path"].endswith("broken.jpg")
+    assert "skipped 1 hidden file" in capsys.readouterr().out
+    _, cag = _train_cag(data)
+    bad = cag["eval"]["unreadable_images"]
+    assert [b["path"].endswith("broken.jpg") for b in bad] == [True] and cag["eval"]["images"] == 4
+    ev = evaluate_cag(compose_cfg("evaluate_cag", [*data, *DET]))
+    assert len(ev["unreadable_images"]) == 1 and "unreadable, skipped" in capsys.readouterr().out

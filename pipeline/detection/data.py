@@ -28,22 +28,12 @@ from PIL import Image
 
 from pipeline.artifacts import read_coco_boxes
 from pipeline.boxes import clip_boxes, valid_boxes, xywh_to_xyxy
-from pipeline.data.images import load_image as _decode
+from pipeline.data.images import decode_chw_float as load_image
+from pipeline.data.paths import resolve_image_path
 
 STAT_KEYS = ("images_used", "boxes_used", "images_missing", "images_size_mismatch", "images_without_boxes",
              "boxes_degenerate", "boxes_clipped", "boxes_unknown_category", "boxes_on_unknown_images")
 MAKER_HINT = "It is written by the `mine` stage (make mine; pseudo_boxes.json) or the `cluster` stage (pseudo_labels.json)."
-
-
-def resolve_image_path(file_name: str, image_root: str | os.PathLike | None) -> Path:
-    """``file_name`` as is when absolute, else under ``image_root`` (or the working directory)."""
-    p = Path(file_name)
-    return p if p.is_absolute() or image_root is None else Path(image_root) / p
-
-
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """RGB image as a float CHW tensor in 0..1 (decoded by :func:`pipeline.data.images.load_image`)."""
-    return torch.from_numpy(_decode(path)).permute(2, 0, 1).float().div_(255.0)
 
 
 class DetectionDataset(torch.utils.data.Dataset):

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.boxes import xyxy_to_xywh
-from pipeline.detection.data import load_image, resolve_image_path
+from pipeline.data.errors import ImageLoadError
+from pipeline.data.images import try_decode
+from pipeline.data.paths import resolve_image_path
 
 
 def image_list(images: Iterable, image_root: str | os.PathLike | None = None) -> list[tuple[int, str]]:
@@ -36,8 +38,11 @@ def image_list(images: Iterable, image_root: str | os.PathLike | None = None) ->
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, images: Iterable, *, image_root: str | os.PathLike | None = None,
-            device: str | torch.device = "cpu", batch_size: int = 2, progress: bool = False) -> list[dict]:
-    """Detections of ``model`` (put in eval mode) for each image, in input order."""
+            device: str | torch.device = "cpu", batch_size: int = 2, progress: bool = False,
+            failures: list | None = None) -> list[dict]:
+    """Detections of ``model`` (put in eval mode) for each image, in input order. An image that cannot be
+    decoded (corrupt, truncated, not an image) raises :class:`ImageLoadError`, or, when ``failures`` is a
+    list, is skipped (no entry in the result) and listed there as ``{"image_id", "path", "error"}``."""
     items = image_list(images, image_root)
     device = torch.device(device)
     model.to(device).eval()
@@ -48,8 +53,19 @@ def predict(model: torch.nn.Module, images: Iterable, *, image_root: str | os.Pa
 
         chunks = tqdm(chunks, desc="detect", dynamic_ncols=True)
     for s in chunks:
-        batch = items[s:s + batch_size]
-        preds = model([load_image(p).to(device) for _, p in batch])
+        batch, tensors = [], []
+        for iid, path in items[s:s + batch_size]:
+            img, err = try_decode(path)
+            if err is not None:
+                if failures is None:
+                    raise ImageLoadError(err)
+                failures.append({"image_id": iid, "path": path, "error": err})
+                continue
+            batch.append((iid, path))
+            tensors.append(torch.from_numpy(img).permute(2, 0, 1).float().div_(255.0).to(device))
+        if not batch:
+            continue
+        preds = model(tensors)
         for (iid, _), p in zip(batch, preds):
             out.append({"image_id": iid, "boxes": p["boxes"].float().cpu().numpy().astype(np.float64),
                         "scores": exact_scores(p["scores"]),
