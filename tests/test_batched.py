@@ -176,3 +176,49 @@ def test_run_parallel_shards_like_journals():
         run_parallel("parallel_targets:failing_target", 1, start_method="fork")
     with pytest.raises(ValueError, match="module:function"):
         run_parallel("no_colon", 1)
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@cuda
+def test_cuda_lost_batch_boxes_equal_cpu():
+    rng = np.random.default_rng(11)
+    h, w = 12, 17
+    for k in (100, 7):
+        f = torch.from_numpy(rng.integers(-2, 3, size=(16, h * w, 6)).astype(np.float32))  # exact products
+        sizes = [(h * 16 - i % 5, w * 16 - i % 7) for i in range(16)]
+        got = lost_batch(f.cuda(), (h, w), 16, sizes, k_patches=k)
+        for i in range(16):
+            ref = lost(f[i], (h, w), 16, sizes[i], k_patches=k)
+            assert got[i].seed == ref.seed and got[i].box.tolist() == ref.box.tolist()
+            assert np.array_equal(got[i].mask, ref.mask) and np.array_equal(got[i].degree, ref.degree)
+            assert np.array_equal(got[i].similars, ref.similars) and np.array_equal(got[i].map, ref.map)
+
+
+@cuda
+def test_cuda_lost_batch_equals_cuda_lost_on_float_features():
+    f = torch.randn(8, 300, 64, generator=torch.Generator().manual_seed(0)).cuda()
+    got = lost_batch(f, (15, 20), 16, [(240, 320)] * 8)
+    for i in range(8):
+        _assert_lost_equal(got[i], lost(f[i], (15, 20), 16, (240, 320)))
+
+
+@cuda
+def test_cuda_features_batch_exact_and_grouped():
+    b = build_backbone("dino_vits16", init="random", seed=1, device="cuda")
+    imgs = _imgs(MIXED + [(64, 48)], seed=2)
+    one = [b.features(im[None], with_cls_attn=True) for im in imgs]
+    for a, r in zip(b.features_batch(imgs, with_cls_attn=True, exact=True), one):
+        assert _same(a, r)
+    for a, r in zip(b.features_batch(imgs, with_cls_attn=True), one):  # grouped on CUDA by default
+        torch.testing.assert_close(a.feats, r.feats, rtol=0, atol=1e-3)
+    cpu = build_backbone("dino_vits16", init="random", seed=1)
+    ref = cpu.features(imgs[0][None])
+    torch.testing.assert_close(one[0].feats.cpu(), ref.feats, rtol=0, atol=1e-3)  # no TF32 in fp32 mode
+    for p in ("bf16", "fp16"):
+        rb = build_backbone("dino_vits16", init="random", seed=1, device="cuda", precision=p)
+        out = rb.features_batch(imgs, with_cls_attn=True)
+        cos = torch.nn.functional.cosine_similarity(out[0].feats[0].cpu(), ref.feats[0], dim=-1)
+        assert out[0].feats.dtype == torch.float32 and cos.min() > 0.9, p
