@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.data import MiningImages, build_dataset  # noqa: E402
+from pipeline.data import MiningImages, build_dataset, collate_list  # noqa: E402
 from pipeline.discovery.batched import run_miner_batch  # noqa: E402
 from pipeline.journal import Journal  # noqa: E402
 
@@ -59,10 +59,6 @@ def _row(index: int, size, result, error) -> dict:
     return row
 
 
-def _collate_list(items):
-    return items
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -75,7 +71,7 @@ def mine_loop(dataset, backbone, indices, *, miner: str, params: dict, feature: 
     with_cls = MINER_INPUTS.get(miner, {}).get("with_cls_attn", False)
     loader = torch.utils.data.DataLoader(
         MiningImages(dataset.records, backbone.patch_size, indices=indices), batch_size=batch, shuffle=False,
-        num_workers=workers, collate_fn=_collate_list, persistent_workers=False)
+        num_workers=workers, collate_fn=collate_list, persistent_workers=False)
     t = {"decode": 0.0, "idle": 0.0, "forward": 0.0, "miner": 0.0, "write": 0.0}
     n = 0
     start = time.perf_counter()

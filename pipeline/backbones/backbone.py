@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from pipeline.artifacts import sha256_file
-from pipeline.backbones.precision import PRECISIONS, check_precision, forward_context
+from pipeline.backbones.precision import check_precision, forward_context
 from pipeline.backbones.resnet import build_dino_resnet50, resnet_layer4
 from pipeline.backbones.specs import ArchSpec, get_spec
 from pipeline.backbones.vit import build_dino_vit

@@ -3,13 +3,14 @@ from pipeline.data.build import KINDS, build_dataset
 from pipeline.data.errors import DatasetError, ImageLoadError
 from pipeline.data.folder import DEMO_IMAGES, IMAGE_EXTENSIONS
 from pipeline.data.images import load_image
-from pipeline.data.loader import MiningImages, collate_single
+from pipeline.data.loader import MiningImages, collate_list, collate_single
 from pipeline.data.records import Dataset, ImageRecord
 from pipeline.data.voc import VOC_CLASSES
 
 __all__ = [
     "KINDS", "DEMO_IMAGES", "IMAGE_EXTENSIONS", "VOC_CLASSES", "Dataset", "DatasetError", "ImageLoadError",
-    "ImageRecord", "MiningImages", "build_dataset", "collate_single", "download_dataset", "load_image",
+    "ImageRecord", "MiningImages", "build_dataset", "collate_list", "collate_single", "download_dataset",
+    "load_image",
 ]
 
 
