@@ -4,8 +4,9 @@
 "Exactness"). "bf16" and "fp16" run the forward under ``torch.autocast`` (and fused SDPA attention):
 their features, seeds and boxes are *not* bit-identical; report their agreement with fp32 instead.
 
-On a CPU, bf16 only pays off with native bf16 units (AVX-512 BF16 or AMX); without them PyTorch
-emulates it and the forward is about 12x slower than float32, so it is refused unless forced.
+On a CPU, bf16 only pays off with native bf16 units (AVX-512 BF16 or AMX); without them the forward
+is several times slower than float32 (measured 5.5x at 384x512 and 6.9x at 224x224 for ViT-S/16, one
+thread, AVX2, torch 2.14.1; the issue reports up to ~12x), so it is refused unless forced.
 fp16 on a CPU is always refused (no fast fp16 kernels, and no accuracy gain).
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ def check_precision(precision: str, device: torch.device | str, force: bool = Fa
                              "use fp32, or bf16 on a CPU with native bf16 units, or fp16 on a GPU")
         if not cpu_has_native_bf16() and not force:
             raise ValueError(
-                "backbone.precision=bf16 on this CPU is about 12x slower than float32 (no native bf16 units: "
+                "backbone.precision=bf16 on this CPU is about 5-12x slower than float32 (no native bf16 units: "
                 f"capability {torch.backends.cpu.get_cpu_capability()}, no avx512_bf16/amx_bf16); use fp32 or "
                 "a GPU (force=True runs it anyway)")
     elif dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
