@@ -166,7 +166,13 @@ def main(argv=None) -> None:
     header = f"{'run':<28}{'img/s':>9}{'wall s':>9}{'decode':>9}{'forward':>9}{'miner':>9}{'write':>9}{'idle':>9}"
 
     if device == "cpu" and args.procs != 1:
+        from pipeline.backbones import check_precision
         from pipeline.parallel import available_cores, choose_cpu_workers, run_parallel
+
+        try:
+            check_precision(args.precision, "cpu", force=args.force_precision)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
 
         n_images = len(build_dataset("voc07", args.data, max_images=args.images))
         procs = args.procs or choose_cpu_workers(n_images)
@@ -189,7 +195,10 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     dataset = build_dataset("voc07", args.data, max_images=args.images)
-    backbone = _build(shared, device)
+    try:
+        backbone = _build(shared, device)
+    except ValueError as e:  # e.g. bf16 on a CPU without bf16 units: say so, no traceback
+        raise SystemExit(f"error: {e}") from None
     build_s = time.time() - t0
     print(f"arch={args.arch} miner={args.miner} device={device} threads={torch.get_num_threads()} "
           f"precision={args.precision} images={len(dataset)} decode workers={args.workers} weights={weights} "

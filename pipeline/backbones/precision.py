@@ -60,7 +60,7 @@ def check_precision(precision: str, device: torch.device | str, force: bool = Fa
             raise ValueError(
                 "backbone.precision=bf16 on this CPU is about 5-12x slower than float32 (no native bf16 units: "
                 f"capability {torch.backends.cpu.get_cpu_capability()}, no avx512_bf16/amx_bf16); use fp32 or "
-                "a GPU (force=True runs it anyway)")
+                "a GPU (force_precision=True runs it anyway)")
     elif dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError("backbone.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
     return precision
