@@ -1,6 +1,6 @@
 """Mining throughput: images/s with a time breakdown, threads/processes, peak memory, per miner and backbone.
 
-    .venv/bin/python benchmarks/mine_throughput.py                       # lost, dino_vits16, batch 1 and 16
+    .venv/bin/python benchmarks/mine_throughput.py                       # lost, dino_vits16 (GPU: batch 1 and 16)
     .venv/bin/python benchmarks/mine_throughput.py --miner dinoseg --batch 1 --procs 2 --threads 1
     .venv/bin/python benchmarks/mine_throughput.py --device cuda --batch 1 16 64 --precision bf16
 
@@ -146,7 +146,9 @@ def main(argv=None) -> None:
                     + "/voc07-mini")
     ap.add_argument("--images", type=int, default=60)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to time (default 1 16)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="batch sizes to time (default: 1 16 on CUDA; 1 on CPU, where the exact path runs one "
+                         "forward per image anyway)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--force-precision", action="store_true", help="run bf16 on a CPU without bf16 units")
     ap.add_argument("--exact", action="store_true", help="one forward per image on CUDA too")
@@ -157,6 +159,8 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", default=None)
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.batch is None:
+        args.batch = [1, 16] if device.startswith("cuda") else [1]
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = "given" if args.weights else "random (throughput only; weights do not change it)"
