@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from stage_utils import REPO_ROOT, compose_cfg, run_cli

@@ -4,14 +4,15 @@ from pipeline.data.errors import DatasetError, ImageLoadError
 from pipeline.data.folder import DEMO_IMAGES, IMAGE_EXTENSIONS
 from pipeline.data.images import decode_chw_float, decode_rgb, load_image, try_decode
 from pipeline.data.paths import common_root, records_root, resolve_image_path
-from pipeline.data.loader import MiningImages, collate_single
+from pipeline.data.loader import MiningImages, collate_list, collate_single
 from pipeline.data.records import Dataset, ImageRecord
 from pipeline.data.voc import VOC_CLASSES
 
 __all__ = [
     "KINDS", "DEMO_IMAGES", "IMAGE_EXTENSIONS", "VOC_CLASSES", "Dataset", "DatasetError", "ImageLoadError",
-    "ImageRecord", "MiningImages", "build_dataset", "collate_single", "common_root", "decode_chw_float", "decode_rgb",
-    "download_dataset", "load_image", "records_root", "resolve_image_path", "try_decode",
+    "ImageRecord", "MiningImages", "build_dataset", "collate_list", "collate_single", "common_root",
+    "decode_chw_float", "decode_rgb", "download_dataset", "load_image", "records_root", "resolve_image_path",
+    "try_decode",
 ]
 
 

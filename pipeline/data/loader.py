@@ -119,3 +119,9 @@ def collate_single(batch: list[dict]) -> dict:
     if len(batch) != 1:
         raise ValueError(f"collate_single expects batch_size=1, got a batch of {len(batch)}")
     return batch[0]
+
+
+def collate_list(batch: list[dict]) -> list[dict]:
+    """Collate for ``batch_size=B``: the items as a list (images keep their own sizes; errors kept), for
+    ``Backbone.features_batch``, which groups them by size itself."""
+    return list(batch)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch

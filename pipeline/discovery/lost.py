@@ -116,8 +116,17 @@ def lost(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size
     similars = potentials[A[seed, potentials] > 0]
     heat = A[similars].sum(dim=0)
 
-    degree_np = degree.cpu().numpy().astype(np.int64)
-    heat_np = heat.cpu().numpy().reshape(h, w)
+    return finish_lost(seed, degree.cpu().numpy(), potentials.cpu().numpy(), similars.cpu().numpy(),
+                       heat.cpu().numpy(), h, w, p, H, W)
+
+
+def finish_lost(seed: int, degree: np.ndarray, potentials: np.ndarray, similars: np.ndarray,
+                heat: np.ndarray, h: int, w: int, p: int, H: int, W: int) -> LostResult:
+    """The CPU end of LOST for one image (connected component, box, score, fallback) from the device
+    results moved to host arrays; shared by :func:`lost` and the batched ``lost_batch``."""
+    n = h * w
+    degree_np = degree.astype(np.int64)
+    heat_np = heat.reshape(h, w)
     sy, sx = divmod(seed, w)
     if len(similars) == 0 or not heat_np[sy, sx] > 0:
         mask = np.ones((h, w), dtype=bool)
@@ -132,8 +141,8 @@ def lost(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size
         box=box,
         seed=seed,
         degree=degree_np,
-        potentials=potentials.cpu().numpy().astype(np.int64),
-        similars=similars.cpu().numpy().astype(np.int64),
+        potentials=potentials.astype(np.int64),
+        similars=similars.astype(np.int64),
         map=heat_np,
         mask=mask,
         score=score,

@@ -89,6 +89,14 @@ class Miner:
         return type(self).fn(data[index], output.dims, patch_size=self.patch_size, image_size=image_size,
                              **self.params)
 
+    def mine_batch(self, outputs, image_sizes) -> list:
+        """Several images: ``outputs[i]`` is image i's FeatureOutput (a batch of one, as
+        ``Backbone.features_batch`` returns them), ``image_sizes[i]`` its unpadded (H, W). Results in input
+        order, each identical to ``self(outputs[i], image_sizes[i])``; miners with batched math override it."""
+        if len(outputs) != len(image_sizes):
+            raise ValueError(f"{self.name}: {len(outputs)} feature outputs but {len(image_sizes)} image sizes")
+        return [self(o, s) for o, s in zip(outputs, image_sizes)]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
 
@@ -117,6 +125,29 @@ class LostMiner(Miner):
 
     def validate(self) -> None:
         _positive_int("lost", "k_patches", self.params["k_patches"])
+
+    def mine_batch(self, outputs, image_sizes) -> list:
+        """Same-size images share one device pass (:func:`pipeline.discovery.batched.lost_batch`: the same
+        float operations as :func:`lost` on the same shapes, so the same results)."""
+        import torch
+
+        from pipeline.discovery.batched import lost_batch
+
+        if len(outputs) != len(image_sizes):
+            raise ValueError(f"lost: {len(outputs)} feature outputs but {len(image_sizes)} image sizes")
+        groups: dict[tuple, list[int]] = {}
+        for i, o in enumerate(outputs):
+            if o.feats.shape[0] != 1:
+                raise ValueError(f"lost: output {i} holds {o.feats.shape[0]} images; pass one per image")
+            groups.setdefault((tuple(o.dims), tuple(o.feats.shape[1:]), o.feats.device), []).append(i)
+        results: list = [None] * len(outputs)
+        for idx in groups.values():
+            feats = torch.cat([outputs[i].feats for i in idx])
+            found = lost_batch(feats, outputs[idx[0]].dims, self.patch_size, [image_sizes[i] for i in idx],
+                               k_patches=self.params["k_patches"])
+            for i, r in zip(idx, found):
+                results[i] = r
+        return results
 
 
 class DinoSegMiner(Miner):

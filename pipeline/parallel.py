@@ -1,0 +1,164 @@
+"""CPU process parallelism: N worker processes with one thread each, each mining its own shard.
+
+On a CPU, PyTorch's intra-op threads scale poorly for the small GEMMs of a ViT on one image (and
+spin-wait on a busy machine); N processes with one thread each keep every core busy instead. The
+work is split exactly as sharded mining splits it: worker ``i`` of ``N`` gets ``(shard=i,
+num_shards=N)`` and mines indices ``i, i+N, i+2N, ...`` (``pipeline.mining.shard_indices``), so each
+worker can write its own shard journal (``shard_journal_path(results_dir, i, N)``) and a killed run
+resumes per shard like any sharded run; ``collect_shards``/``merge`` then see N complete shards.
+
+    from pipeline.parallel import choose_cpu_workers, run_parallel
+    n = choose_cpu_workers(len(todo))
+    results = run_parallel("my.module:mine_shard", n, kwargs={...}, on_message=print)
+
+The target is named by import path ("package.module:function") so spawned workers import only what
+they need. It is called as ``fn(shard, num_shards, emit, **kwargs)``; ``emit(obj)`` sends a picklable
+object (a journal row, a progress count) to the parent, where ``on_message(shard, obj)`` receives it in
+arrival order. The function's return value comes back in the list ``run_parallel`` returns.
+
+This module does not import torch at import time (a spawned worker sets its thread count first).
+"""
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Any, Callable
+
+#: the thread-count variables a worker process starts with (read by OpenMP/MKL when torch loads)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity / cgroup cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_cpu_workers(n_images: int, cores: int | None = None, *, min_images_per_worker: int = 8) -> int:
+    """How many one-thread worker processes to mine ``n_images`` with on the CPU.
+
+    One per core, but never so many that a worker gets fewer than ``min_images_per_worker`` images:
+    each worker pays its start-up (import torch + build the backbone, a few seconds; see
+    docs/PERFORMANCE_DRAFT.md), which a handful of images would not repay. 1 means "stay in this
+    process" (no workers)."""
+    cores = available_cores() if cores is None else int(cores)
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}")
+    if int(min_images_per_worker) < 1:
+        raise ValueError(f"min_images_per_worker must be >= 1, got {min_images_per_worker}")
+    if n_images <= 0:
+        return 1
+    return max(1, min(cores, int(n_images) // int(min_images_per_worker)))
+
+
+def resolve_target(target: str | Callable) -> Callable:
+    """``"package.module:function"`` -> the function (a callable is returned as it is)."""
+    if callable(target):
+        return target
+    mod, sep, name = str(target).partition(":")
+    if not sep or not mod or not name:
+        raise ValueError(f"target must be 'package.module:function', got {target!r}")
+    fn = getattr(importlib.import_module(mod), name, None)
+    if not callable(fn):
+        raise ValueError(f"target {target!r}: {mod} has no function {name!r}")
+    return fn
+
+
+def _worker_entry(target, shard: int, num_shards: int, kwargs: dict, q, threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        fn = resolve_target(target)
+        result = fn(shard, num_shards, lambda obj: q.put(("msg", shard, obj)), **kwargs)
+        q.put(("done", shard, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        q.put(("error", shard, traceback.format_exc()))
+
+
+@contextmanager
+def _thread_env(threads: int):
+    old = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class WorkerError(RuntimeError):
+    """A worker process raised or died; the message names the shard and holds its traceback."""
+
+
+def run_parallel(target: str | Callable, num_procs: int, *, kwargs: dict | None = None,
+                 on_message: Callable[[int, Any], None] | None = None, threads_per_proc: int = 1,
+                 start_method: str = "spawn", poll_s: float = 0.5) -> list[Any]:
+    """Run ``target(shard, num_shards, emit, **kwargs)`` for shard 0..num_procs-1, one process each.
+
+    Workers start with ``threads_per_proc`` torch/OpenMP threads (``torch.set_num_threads`` and the
+    OMP/MKL environment). ``start_method`` "spawn" (default: safe with OpenMP and CUDA, start-up pays
+    ``import torch``) or "fork" (faster start-up on Linux; only from a process that has not used
+    OpenMP threads or CUDA yet). A target given as a callable must be importable by the workers
+    (a module-level function). Returns the targets' return values by shard. If a worker raises or
+    dies, the others are stopped and :class:`WorkerError` is raised (finished shard journals stay;
+    a rerun resumes them).
+    """
+    num_procs = int(num_procs)
+    if num_procs < 1:
+        raise ValueError(f"num_procs must be >= 1, got {num_procs}")
+    if isinstance(target, str):
+        resolve_target(target)  # fail here, with a clear message, not in every worker
+    ctx = mp.get_context(start_method)
+    q = ctx.Queue()
+    procs = []
+    with _thread_env(threads_per_proc):
+        for shard in range(num_procs):
+            p = ctx.Process(target=_worker_entry, name=f"mine-shard-{shard}",
+                            args=(target, shard, num_procs, dict(kwargs or {}), q, threads_per_proc))
+            p.start()
+            procs.append(p)
+    results: dict[int, Any] = {}
+    error: str | None = None
+    try:
+        while len(results) < num_procs and error is None:
+            try:
+                kind, shard, obj = q.get(timeout=poll_s)
+            except queue_mod.Empty:
+                for s, p in enumerate(procs):
+                    if s not in results and not p.is_alive():
+                        time.sleep(poll_s)  # its last message may still be in the pipe
+                        if q.empty():
+                            error = f"worker {s} of {num_procs} died (exit code {p.exitcode}) without a result"
+                            break
+                continue
+            if kind == "msg":
+                if on_message is not None:
+                    on_message(shard, obj)
+            elif kind == "done":
+                results[shard] = obj
+            else:
+                error = f"worker {shard} of {num_procs} failed:\n{obj}"
+    finally:
+        if error is not None or len(results) < num_procs:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+        for p in procs:
+            p.join()
+    if error is not None:
+        raise WorkerError(error)
+    return [results[s] for s in range(num_procs)]
+
+
+__all__ = ["THREAD_ENV", "WorkerError", "available_cores", "choose_cpu_workers", "resolve_target", "run_parallel"]

@@ -1,0 +1,13 @@
+"""Tiny worker targets for tests/test_batched.py (a module of its own: spawned workers import only this)."""
+
+
+def shard_target(shard, num_shards, emit, n):
+    import torch
+
+    for i in range(shard, n, num_shards):
+        emit({"index": i, "threads": torch.get_num_threads()})
+    return shard * 10
+
+
+def failing_target(shard, num_shards, emit):
+    raise RuntimeError(f"boom in shard {shard}")
