@@ -160,6 +160,7 @@ def mine_images(
     device: str = "cpu",
     progress: bool = True,
     max_side: int | None = None,
+    batch_size: int = 1,
     on_result: Callable[[int, ImageRecord, object, dict, tuple], None] | None = None,
     hit_fn: Callable[[ImageRecord, dict], bool | None] | None = None,
 ) -> MineStats:
@@ -169,45 +170,57 @@ def mine_images(
     miner's ``input_size`` (square) ask for it; boxes are mapped back to the original pixels.
     ``on_result(index, record, result, row, size)`` is called for every image mined, before its row is
     recorded (so a recorded image has its picture); ``size`` is the (H, W) the miner saw. ``hit_fn(record,
-    row)`` feeds the running CorLoc in the progress bar."""
-    from pipeline.data import MiningImages, collate_single
+    row)`` feeds the running CorLoc in the progress bar. ``batch_size`` images are decoded (in
+    ``num_workers`` DataLoader workers), run through the backbone (grouped by size:
+    ``Backbone.features_batch``, exact on a CPU) and the miner (``Miner.mine_batch``) together; their rows
+    are recorded in order, so a killed run loses at most one batch."""
+    from pipeline.data import MiningImages, collate_list
 
     run = MineStats()
     if not indices:
         return run
     images = MiningImages(dataset.records, backbone.patch_size, indices=list(indices), max_side=max_side,
                           square=miner.input_size)
-    loader = DataLoader(images, batch_size=1,
-                        shuffle=False, num_workers=num_workers, collate_fn=collate_single,
-                        persistent_workers=False)
+    loader = DataLoader(images, batch_size=max(1, int(batch_size)), shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_list, persistent_workers=False,
+                        pin_memory=str(device).startswith("cuda"))
     hits = total = 0
     start = time.time()
-    bar = tqdm(loader, total=len(indices), disable=not progress, desc=f"mine {dataset.name}", unit="img",
+    bar = tqdm(total=len(indices), disable=not progress, desc=f"mine {dataset.name}", unit="img",
                dynamic_ncols=True)
     needs = miner.needs
-    for item in bar:
-        index, rec = item["index"], item["record"]
-        result = None
-        if item["error"] is None:
-            out = backbone.features(item["image"][None].to(device), which=feature, with_cls_attn=needs.cls_attn)
-            result = miner(out, item["size"])
-        row = make_row(rec, item["size"], result, item["error"], item["original_size"])
-        if on_result is not None and result is not None:
-            on_result(index, rec, result, row, item["size"])
-        if record is not None:
-            record(row)
-        run.computed += 1
-        if item["error"] is not None:
-            run.failures.append({"image_id": rec.image_id, "path": rec.path, "error": item["error"]})
-            bar.write(f"skipped {rec.path}: {item['error']}")
-        if hit_fn is not None:
-            hit = hit_fn(rec, row)
-            if hit is not None:
-                hits += int(hit)
-                total += 1
-                bar.set_postfix(corloc=f"{100.0 * hits / total:.1f}%", failed=len(run.failures))
+    for items in loader:
+        ok = [x for x in items if x["error"] is None]
+        outs = backbone.features_batch([x["image"] for x in ok], which=feature, with_cls_attn=needs.cls_attn,
+                                       max_batch=max(1, int(batch_size))) if ok else []
+        found = dict(zip((x["index"] for x in ok), miner.mine_batch(outs, [x["size"] for x in ok]) if ok else []))
+        for item in items:
+            _record_item(item, found.get(item["index"]), run, bar, record, on_result)
+            if hit_fn is not None and item["row"] is not None:
+                hit = hit_fn(item["record"], item["row"])
+                if hit is not None:
+                    hits += int(hit)
+                    total += 1
+                    bar.set_postfix(corloc=f"{100.0 * hits / total:.1f}%", failed=len(run.failures))
+    bar.close()
     run.seconds = time.time() - start
     return run
+
+
+def _record_item(item: dict, result, run: "MineStats", bar, record, on_result) -> None:
+    """One image's row: picture first (a recorded image has its picture), then the journal line."""
+    index, rec = item["index"], item["record"]
+    row = make_row(rec, item["size"], result, item["error"], item["original_size"])
+    item["row"] = row
+    if on_result is not None and result is not None:
+        on_result(index, rec, result, row, item["size"])
+    if record is not None:
+        record(row)
+    run.computed += 1
+    bar.update(1)
+    if item["error"] is not None:
+        run.failures.append({"image_id": rec.image_id, "path": rec.path, "error": item["error"]})
+        bar.write(f"skipped {rec.path}: {item['error']}")
 
 
 def first_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray | None]:

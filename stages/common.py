@@ -63,14 +63,15 @@ def warn_random(what: str, reason: str) -> None:
     print(RANDOM_BANNER.format(what=what.upper(), reason=reason), file=sys.stderr, flush=True)
 
 
-def build_backbone_from_cfg(cfg: DictConfig, device: str):
+def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
     """Build the configured backbone. ``backbone.init=auto`` (used by ``make demo``) tries the real
     weights and falls back, loudly, to random weights when they cannot be found or downloaded."""
     from pipeline.backbones import WeightsError, build_backbone
 
     b = cfg.backbone
     kwargs = dict(weights=b.get("weights"), weights_dir=cfg.paths.weights_dir, seed=int(b.get("seed", 0)),
-                  device=device)
+                  device=device, precision=str(b.get("precision", "fp32")),
+                  force_precision=bool(b.get("force_precision", False)), compile=bool(b.get("compile", False)))
     init = str(b.get("init", "pretrained"))
     if init == "auto":
         try:
@@ -78,8 +79,14 @@ def build_backbone_from_cfg(cfg: DictConfig, device: str):
         except WeightsError as e:
             warn_random(f"backbone {b.arch}", f"backbone.init=auto and no weights: {e}")
             return build_backbone(b.arch, init="random", **kwargs)
-    backbone = build_backbone(b.arch, init=init, **kwargs)
-    if init == "random":
+    try:
+        backbone = build_backbone(b.arch, init=init, **kwargs)
+    except WeightsError:
+        raise
+    except ValueError as e:  # e.g. backbone.precision refused on this device
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if init == "random" and not quiet:
         warn_random(f"backbone {b.arch}", "backbone.init=random")
     return backbone
 
@@ -100,7 +107,7 @@ def coco_image_root(cfg: DictConfig, coco: dict, *, override=None, fallback: Pat
     return fallback
 
 
-def build_dataset_from_cfg(cfg: DictConfig):
+def build_dataset_from_cfg(cfg: DictConfig, quiet: bool = False):
     from pipeline.data import build_dataset
 
     d = cfg.dataset
@@ -108,7 +115,7 @@ def build_dataset_from_cfg(cfg: DictConfig):
         d.kind, str(d.root), image_set=d.image_set or "trainval", ann_file=d.ann_file, image_dir=d.image_dir,
         list_file=d.list_file, name=d.name, max_images=d.max_images,
     )
-    if getattr(ds, "skipped_hidden", 0):
+    if getattr(ds, "skipped_hidden", 0) and not quiet:
         print(f"{ds.name}: skipped {ds.skipped_hidden} hidden file(s) (names or folders starting with '.', e.g. "
               "the ._ files macOS leaves on shared drives)", flush=True)
     return ds
@@ -128,9 +135,10 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     from pipeline.artifacts import ArtifactError
     from pipeline.data import DatasetError
     from pipeline.journal import JournalMismatch
+    from pipeline.parallel import WorkerError
     from pipeline.weights import WeightsError
 
-    expected = (ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DatasetError)
+    expected = (ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DatasetError, WorkerError)
     try:
         return fn(cfg)
     except expected as e:

@@ -50,6 +50,9 @@ class BackboneConf:
     weights: Optional[str] = None
     seed: int = 0
     feature: str = "k"
+    precision: str = "fp32"          # fp32 (exact) | bf16 | fp16 (GPU autocast, opt-in)
+    force_precision: bool = False    # run bf16 on a CPU without bf16 units anyway (slow)
+    compile: bool = False            # torch.compile the blocks (agreement reported like bf16)
 
 
 @dataclass
@@ -126,6 +129,8 @@ class ScheduleConf:
 class MineConf:
     shard: int = 0
     num_shards: int = 1
+    batch_size: Optional[int] = None     # images per backbone batch; null: 1 on a CPU, 16 on a GPU
+    procs: Optional[int] = None          # CPU worker processes (one thread each); null: one per core
     merge: bool = True
     merge_only: bool = False
 

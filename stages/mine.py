@@ -109,6 +109,76 @@ class Pictures:
         return made
 
 
+def _batch_size(cfg: DictConfig, device: str) -> int:
+    """``mine.batch_size``, or the device's default: 1 on a CPU (where a batched forward is not exact and
+    not faster), 16 on a GPU."""
+    return int(cfg.mine.batch_size or (16 if device.startswith("cuda") else 1))
+
+
+def _procs(cfg: DictConfig, device: str, n_todo: int) -> int:
+    """Worker processes for this run: on a CPU, ``mine.procs`` or one per core (each with >= 8 images), when
+    this is the only shard; elsewhere one (this process)."""
+    from pipeline.parallel import choose_cpu_workers
+
+    if device != "cpu" or int(cfg.mine.num_shards) > 1 or n_todo == 0:
+        return 1
+    if cfg.mine.procs is not None:
+        return max(1, min(int(cfg.mine.procs), n_todo))
+    return choose_cpu_workers(n_todo)
+
+
+def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]) -> int:
+    """A CPU worker process (one thread): mines ``indices[shard::num_shards]`` and sends each row to the
+    parent (which journals it), after drawing its picture. Built from the resolved config, as the stage."""
+    from omegaconf import OmegaConf
+
+    from pipeline.discovery import build_miner
+
+    cfg = OmegaConf.create(cfg)
+    dataset = build_dataset_from_cfg(cfg, quiet=True)
+    backbone = build_backbone_from_cfg(cfg, "cpu", quiet=True)
+    miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
+    pictures = Pictures(cfg, Path(cfg.stage_dir), backbone, backbone.describe().get("init") == "random")
+    stats = mine_images(dataset, backbone, miner, indices[shard::num_shards], record=emit,
+                        feature=str(cfg.backbone.feature), num_workers=0, device="cpu", progress=False,
+                        max_side=cfg.dataset.max_side, on_result=pictures)
+    return stats.computed
+
+
+def _mine_in_processes(cfg: DictConfig, run: MiningRun, dataset, todo: list[int], procs: int):
+    """Mine ``todo`` in ``procs`` one-thread worker processes; this process journals their rows as they come
+    (one journal, as a single process writes it: a killed run resumes the same way)."""
+    from tqdm import tqdm
+
+    from pipeline.mining import MineStats
+    from pipeline.parallel import run_parallel
+
+    by_id = {r.image_id: r for r in dataset.records}
+    stats, hits, total = MineStats(), 0, 0
+    bar = tqdm(total=len(todo), disable=not cfg.progress, desc=f"mine {dataset.name} ({procs} processes)",
+               unit="img", dynamic_ncols=True)
+    start = time.time()
+
+    def on_row(shard: int, row: dict) -> None:
+        nonlocal hits, total
+        run.record(row)
+        stats.computed += 1
+        bar.update(1)
+        if row["error"] is not None:
+            stats.failures.append({"image_id": row["image_id"], "path": row["path"], "error": row["error"]})
+            bar.write(f"skipped {row['path']}: {row['error']}")
+        hit = _hit(by_id[row["image_id"]], row)
+        if hit is not None:
+            hits, total = hits + int(hit), total + 1
+            bar.set_postfix(corloc=f"{100.0 * hits / total:.1f}%", failed=len(stats.failures))
+
+    run_parallel("stages.mine:mine_worker", procs, kwargs={"cfg": to_container(cfg), "indices": list(todo)},
+                 on_message=on_row)
+    bar.close()
+    stats.seconds = time.time() - start
+    return stats
+
+
 def finalize(cfg: DictConfig, run: MiningRun, dataset, rows: list[dict], timer: Timer, run_stats: dict,
              made: list[str]) -> dict:
     """Every image has a row: write pseudo_boxes.json, metrics.json and the manifest."""
@@ -228,12 +298,18 @@ def run(cfg: DictConfig) -> dict | None:
             remove_stale_temps(d)
         if plan.action != "run" or cfg.force:
             pictures.clear()
-    stats = mine_images(dataset, backbone, miner, todo, record=run.record, feature=str(cfg.backbone.feature),
-                        num_workers=int(cfg.num_workers), device=device, progress=bool(cfg.progress),
-                        max_side=cfg.dataset.max_side, on_result=pictures, hit_fn=_hit)
+    procs = _procs(cfg, device, len(todo))
+    if procs > 1:
+        stats = _mine_in_processes(cfg, run, dataset, todo, procs)
+    else:
+        stats = mine_images(dataset, backbone, miner, todo, record=run.record, feature=str(cfg.backbone.feature),
+                            num_workers=int(cfg.num_workers), device=device, progress=bool(cfg.progress),
+                            max_side=cfg.dataset.max_side, batch_size=_batch_size(cfg, device),
+                            on_result=pictures, hit_fn=_hit)
     resumed = len(shard_indices(len(dataset), run.shard, run.num_shards)) - len(todo)
     run_stats = {"seconds": round(stats.seconds, 3), "images_per_s": round(stats.images_per_s, 3),
-                 "computed_this_run": stats.computed, "resumed": resumed}
+                 "computed_this_run": stats.computed, "resumed": resumed, "processes": procs,
+                 "batch_size": _batch_size(cfg, device)}
     if resumed:
         print(f"resumed: {resumed} images already mined in {run.journal_path}, {stats.computed} computed now")
     rows = run.collect(dataset.records)

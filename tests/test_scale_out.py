@@ -253,3 +253,21 @@ def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
     proc = run_cli("stages.mine", ["-m", "hydra/launcher=slurm", f"paths.output_root={tmp_path}"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: hydra/launcher=slurm") and "hydra/launcher=local" in proc.stderr
+
+
+def test_cpu_worker_processes_and_batches_give_identical_boxes(tmp_path, voc07_mini):
+    """mine.procs=2 (two one-thread processes, one journal) and mine.batch_size=3 give the byte-identical
+    pseudo_boxes.json of one process mining one image at a time, on real VOC images."""
+    from stages.mine import run
+
+    def mine(out, *extra):
+        cfg = compose_cfg("mine", [f"paths.output_root={out}", "dataset=voc07", f"paths.data_root={voc07_mini}",
+                                   "dataset.max_images=6", *FAST, *extra])
+        return run(cfg), out / "voc07" / "dino_vits16" / "mine" / "pseudo_boxes.json"
+
+    m1, one = mine(tmp_path / "one", "mine.procs=1", "mine.batch_size=1")
+    m2, two = mine(tmp_path / "two", "mine.procs=2")
+    m3, batched = mine(tmp_path / "batched", "mine.procs=1", "mine.batch_size=3")
+    assert (m1["processes"], m2["processes"], m3["batch_size"]) == (1, 2, 3)
+    assert two.read_bytes() == one.read_bytes() and batched.read_bytes() == one.read_bytes()
+    assert m2["computed_this_run"] == 6 and len(list((two.parent / "viz").glob("*.png"))) == 2  # viz.num_images
