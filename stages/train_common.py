@@ -213,6 +213,16 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
         raise ArtifactError(str(e)) from None
     eval_records, eval_missing = training_set_records(cfg, coco, root) if cfg.eval.enabled and rank == 0 else ([], 0)
     device = _device(cfg, world)
+    if mode != "report":  # before minutes of set-up and a silent kill by the kernel
+        from pipeline.detection.memory import check_train_memory
+
+        d = cfg.detector
+        side = d.min_size if isinstance(d.min_size, (int, float)) else max(d.min_size)
+        too_much = check_train_memory(str(d.preset), max(1, sch.batch_size // world), int(side), device,
+                                      rois_per_image=int(d.batch_size_per_image),
+                                      amp=sch.amp and device.startswith("cuda"))
+        if too_much:
+            raise ArtifactError(too_much)
     if mode == "report":
         if rank != 0:
             return None

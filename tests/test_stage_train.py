@@ -423,3 +423,23 @@ def test_corrupt_and_hidden_files_go_through_every_stage(tmp_path, capsys):
     assert [b["path"].endswith("broken.jpg") for b in bad] == [True] and cag["eval"]["images"] == 4
     ev = evaluate_cag(compose_cfg("evaluate_cag", [*data, *DET]))
     assert len(ev["unreadable_images"]) == 1 and "unreadable, skipped" in capsys.readouterr().out
+
+
+def test_a_preset_the_device_cannot_hold_stops_at_once(trained, tmp_path, capsys):
+    """r50_c4 with the paper's 16-image schedule needs ~70 GiB in float32: on a machine with less it stops with
+    one error line before building anything (the estimate is calibrated in pipeline/detection/memory.py)."""
+    from pipeline.detection.memory import available_gib, check_train_memory, estimate_train_gib
+    from stages.common import run_guarded
+    from stages.train_cag import run
+
+    assert 9.5 < estimate_train_gib("r50_c4", 2, 800) < 11.5 and 4.3 < estimate_train_gib("r50_c4", 1, 480) < 5.5
+    assert check_train_memory("mobilenet_fpn", 2, 160, "cpu") is None
+    if available_gib("cpu") > 45:
+        pytest.skip("this machine could hold it")
+    cfg = compose_cfg("train_cag", [*trained["data"], "detector=r50_c4", "detector.init=random", "schedule=default",
+                                    f"stage_dir={tmp_path / 'cag'}", "num_workers=0", "progress=false"])
+    with pytest.raises(SystemExit) as e:
+        run_guarded(run, cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "needs about" in err and "schedule.batch_size" in err
+    assert not (tmp_path / "cag" / "model.pt").exists()
