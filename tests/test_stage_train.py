@@ -142,7 +142,7 @@ def test_a_report_only_change_reuses_the_finished_model(trained, tmp_path, capsy
     assert len(list((stage / "viz").glob("*.png"))) == 3
     _, m = _train_cag(data, "viz.num_images=1")
     out = capsys.readouterr().out
-    assert "only the report changed (viz.num_images: 8 -> 1)" in out and "from scratch" not in out
+    assert "only the report changed (viz.num_images: 12 -> 1)" in out and "from scratch" not in out
     assert sha256_file(stage / "model.pt") == model and (stage / "metrics.jsonl").read_bytes() == log
     assert len(list((stage / "viz").glob("*.png"))) == 1
     first = trained["metrics"]
