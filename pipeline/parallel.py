@@ -46,7 +46,7 @@ def choose_cpu_workers(n_images: int, cores: int | None = None, *, min_images_pe
 
     One per core, but never so many that a worker gets fewer than ``min_images_per_worker`` images:
     each worker pays its start-up (import torch + build the backbone, a few seconds; see
-    docs/PERFORMANCE_DRAFT.md), which a handful of images would not repay. 1 means "stay in this
+    README "Performance"), which a handful of images would not repay. 1 means "stay in this
     process" (no workers)."""
     cores = available_cores() if cores is None else int(cores)
     if cores < 1:

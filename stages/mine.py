@@ -116,15 +116,17 @@ def _batch_size(cfg: DictConfig, device: str) -> int:
 
 
 def _procs(cfg: DictConfig, device: str, n_todo: int) -> int:
-    """Worker processes for this run: on a CPU, ``mine.procs`` or one per core (each with >= 8 images), when
-    this is the only shard; elsewhere one (this process)."""
-    from pipeline.parallel import choose_cpu_workers
+    """Worker processes for this run: on a CPU, ``mine.procs``; by default one per core (each with >= 8
+    images) on machines with at least 4 cores, and this process alone on smaller ones, where the workers'
+    start-up (spawn, imports, model build: ~6-10 s) outweighed the gain on the 60-image fixture (measured on
+    2 cores: README "Performance"). Elsewhere (GPU, a sharded run) one."""
+    from pipeline.parallel import available_cores, choose_cpu_workers
 
     if device != "cpu" or int(cfg.mine.num_shards) > 1 or n_todo == 0:
         return 1
     if cfg.mine.procs is not None:
         return max(1, min(int(cfg.mine.procs), n_todo))
-    return choose_cpu_workers(n_todo)
+    return choose_cpu_workers(n_todo) if available_cores() >= 4 else 1
 
 
 def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]) -> int:
