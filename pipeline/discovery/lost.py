@@ -66,19 +66,20 @@ def grid_mask_box(mask: np.ndarray, patch_size: int, image_size: tuple[int, int]
     return box
 
 
-def _as_feats(feats) -> torch.Tensor:
+def as_feats(feats, what: str) -> torch.Tensor:
+    """(N, D) float32 tensor from a tensor / array (a leading batch of 1 accepted); ValueError otherwise."""
     if not isinstance(feats, torch.Tensor):
         feats = torch.as_tensor(np.asarray(feats))
     if feats.dim() == 3 and feats.shape[0] == 1:
         feats = feats[0]
     if feats.dim() != 2 or feats.shape[0] < 1 or feats.shape[1] < 1:
         raise ValueError(
-            f"lost: feats must be (N, D) patch features (CLS dropped), got shape {tuple(feats.shape)}; "
+            f"{what}: feats must be (N, D) patch features (CLS dropped), got shape {tuple(feats.shape)}; "
             "for a batch pass one image at a time, e.g. feature_output.feats[0]"
         )
     feats = feats.detach().to(torch.float32)
     if not bool(torch.isfinite(feats).all()):
-        raise ValueError("lost: feats contain NaN or inf; check the backbone weights and the input image")
+        raise ValueError(f"{what}: feats contain NaN or inf; check the backbone weights and the input image")
     return feats
 
 
@@ -100,7 +101,7 @@ def lost(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size
     the map is not positive at the seed, the box is the whole image ``[0, 0, W, H]``, the mask is
     all True and the score 0.0 (the reference ends up with the same whole-image box in that case).
     """
-    F = _as_feats(feats)
+    F = as_feats(feats, "lost")
     n = F.shape[0]
     h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "lost")
     if isinstance(k_patches, bool) or int(k_patches) != k_patches or int(k_patches) < 1:

@@ -64,8 +64,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.discovery.lost import check_grid, grid_mask_box
-from pipeline.discovery.tokencut import (CutResult, as_feats, binary_graph, check_graph_params,
+from pipeline.discovery.lost import as_feats, check_grid, grid_mask_box
+from pipeline.discovery.tokencut import (CutResult, binary_graph, check_graph_params,
                                          fallback_result, orient, seed_component, solve_cut)
 
 # the implementation's rejection thresholds (step 5)

@@ -66,7 +66,7 @@ import scipy.linalg
 import scipy.ndimage
 import torch
 
-from pipeline.discovery.lost import check_grid, grid_mask_box
+from pipeline.discovery.lost import as_feats, check_grid, grid_mask_box
 
 # λ₃ - λ₂ at or below this counts as "no eigengap" (repeated λ₂, eigenvector not unique). The pencil
 # is scaled so its eigenvalues lie in [0, 2]; LAPACK's eigenvalue error is ~1e-16 * N here.
@@ -131,23 +131,6 @@ class Cut:
     @property
     def score(self) -> float:
         return float(np.clip(1.0 - self.eigvals[0], 0.0, 1.0))
-
-
-def as_feats(feats, what: str) -> torch.Tensor:
-    """(N, D) float32 tensor from a tensor / array (a leading batch of 1 accepted); ValueError otherwise."""
-    if not isinstance(feats, torch.Tensor):
-        feats = torch.as_tensor(np.asarray(feats))
-    if feats.dim() == 3 and feats.shape[0] == 1:
-        feats = feats[0]
-    if feats.dim() != 2 or feats.shape[0] < 1 or feats.shape[1] < 1:
-        raise ValueError(
-            f"{what}: feats must be (N, D) patch features (CLS dropped), got shape {tuple(feats.shape)}; "
-            "for a batch pass one image at a time, e.g. feature_output.feats[0]"
-        )
-    feats = feats.detach().to(torch.float32)
-    if not bool(torch.isfinite(feats).all()):
-        raise ValueError(f"{what}: feats contain NaN or inf; check the backbone weights and the input image")
-    return feats
 
 
 def check_graph_params(tau, eps, what: str) -> tuple[float, float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.viz.mining import EXPANSION, GT, PRED, SEED, _patch_grid_mask, draw_mining, save_png
+from pipeline.viz.mining import EXPANSION, PRED, SEED, _patch_grid_mask, draw_box_and_gt, draw_mining, save_png
 
 __all__ = ["draw_cut", "eigvec_heatmap", "save_png"]
 
@@ -67,11 +67,7 @@ def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: s
                           patch_size, H, W) > 0
     img[seed_cell] = SEED
     part = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    dp = ImageDraw.Draw(part)
-    for b in (np.zeros((0, 4)) if gt_boxes is None else np.asarray(gt_boxes).reshape(-1, 4)):
-        dp.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=GT, width=lw)
-    box = np.asarray(result.box).reshape(4)
-    dp.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=PRED, width=lw + 1)
+    draw_box_and_gt(ImageDraw.Draw(part), result.box, gt_boxes, lw)
     _label(part, "bipartition")
 
     sheet = Image.new("RGB", (3 * W + 2 * GAP, H), (24, 24, 24))

@@ -48,6 +48,14 @@ def _edge(mask: np.ndarray, width: int) -> np.ndarray:
     return mask & ~inner
 
 
+def draw_box_and_gt(d: ImageDraw.ImageDraw, box, gt_boxes, lw: int) -> None:
+    """The GT boxes (green) and the predicted box (red, thicker) on a drawing; x2/y2 exclusive."""
+    for b in (np.zeros((0, 4)) if gt_boxes is None else np.asarray(gt_boxes).reshape(-1, 4)):
+        d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=GT, width=lw)
+    box = np.asarray(box).reshape(4)
+    d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=PRED, width=lw + 1)
+
+
 def draw_mining(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: str = "") -> Image.Image:
     """Overlay on ``image`` (H, W, 3 uint8): the component mask (everything outside it dimmed to
     ``OUTSIDE_DIM``, the component outlined in white), the expansion patches (``similars``, blue),
@@ -72,10 +80,7 @@ def draw_mining(image: np.ndarray, result, patch_size: int, gt_boxes=None, title
             img[outline] = COMPONENT
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(pil)
-    for b in (np.zeros((0, 4)) if gt_boxes is None else np.asarray(gt_boxes).reshape(-1, 4)):
-        d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=GT, width=lw)
-    box = np.asarray(result.box).reshape(4)
-    d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=PRED, width=lw + 1)
+    draw_box_and_gt(d, result.box, gt_boxes, lw)
     seed = getattr(result, "seed", None)
     if seed is not None and mask is not None:
         r, c = divmod(int(seed), mask.shape[1])
