@@ -21,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import read_coco_boxes, read_json, write_json
+from pipeline.provenance import random_init
 from pipeline.rerun import input_hashes, plan_rerun
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
                            dataset_identity, resolve_device, run_guarded, to_container)
@@ -124,7 +125,7 @@ def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, in_path: Pat
                    weights_sha256=desc.get("weights_sha256"), start_time=timer.start, end_time=time.time(),
                    extra={"features_dir": str(cfg.dirs.cluster_features), "features_key": key,
                           "artifact": _artifact(cfg, in_path), "report": _report(cfg),
-                          "random_init": desc.get("init") == "random"})
+                          "random_init": random_init(backbone=desc)})
 
 
 def run(cfg: DictConfig) -> dict:
@@ -162,26 +163,29 @@ def run(cfg: DictConfig) -> dict:
                          f"({len(feats.skipped)} skipped): lower cluster.k.")
     x = prepare_features(feats.features, whiten_features=bool(c.whiten), normalize=bool(c.l2_normalize))
     t0 = time.time()
-    result = kmeans(x, int(c.k), seed=int(c.seed), n_init=int(c.n_init), iters=int(c.iters))
+    try:
+        result = kmeans(x, int(c.k), seed=int(c.seed), n_init=int(c.n_init), iters=int(c.iters))
+    except ValueError as e:  # the library names its parameters; here they are cluster.* keys
+        raise SystemExit(f"error: cluster.{e}") from None
     t_km = time.time() - t0
 
-    random_init = desc.get("init") == "random"
+    is_random = random_init(backbone=desc)
     clustering = {"source": str(c.source), "input": str(in_path), "k": int(c.k), "seed": int(c.seed),
                   "n_init": int(c.n_init), "iters": int(c.iters), "whiten": bool(c.whiten),
                   "l2_normalize": bool(c.l2_normalize), "short_side": int(c.short_side), "backbone": desc,
-                  "random_init": random_init}
+                  "random_init": is_random}
     labels_coco = make_pseudo_labels(coco, feats.index, result, extra_info={"image_root": str(root),
                                                                             "clustering": clustering,
                                                                             "features_key": feats.key})
     write_json(stage_dir / "pseudo_labels.json", labels_coco)
     galleries(coco, root, feats.index, result.labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
-              int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if random_init else "")
+              int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if is_random else "")
     metrics = {"k": int(c.k), "boxes": len(feats.index), "skipped": len(feats.skipped),
                "skipped_boxes": feats.skipped[:100], "inertia": result.inertia,
                "restart_inertias": result.restart_inertias, "best_seed": result.seed,
                "sizes": [int(s) for s in result.sizes], "empty_clusters": int((result.sizes == 0).sum()),
                "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
-               "kmeans_seconds": round(t_km, 3), "random_init": random_init, "source": str(c.source)}
+               "kmeans_seconds": round(t_km, 3), "random_init": is_random, "source": str(c.source)}
     metrics["cluster_quality"] = _cluster_quality(cfg, labels_coco)
     write_json(stage_dir / "metrics.json", metrics)
     _write_manifest(cfg, stage_dir, timer, in_path, desc, feats.key)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import read_json, remove_stale_temps, write_json
 from pipeline.data.paths import records_root
 from pipeline.mining import MiningRun, all_boxes, first_boxes, mine_images, shard_indices
+from pipeline.provenance import random_init
 from pipeline.rerun import Rerun, plan_rerun
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, dataset_identity,
                            resolve_device, run_guarded, to_container)
@@ -49,7 +50,7 @@ def _info(cfg: DictConfig, backbone_desc: dict, root: str) -> dict:
         "miner_params": {k: v for k, v in miner.items() if k != "name"},
         "backbone": backbone_desc,
         "feature": str(cfg.backbone.feature),
-        "random_init": backbone_desc.get("init") == "random",
+        "random_init": random_init(backbone=backbone_desc),
         "weights_sha256": backbone_desc.get("weights_sha256"),
         "dataset": str(cfg.dataset.name),
         "image_root": root,
@@ -140,7 +141,7 @@ def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]
     dataset = build_dataset_from_cfg(cfg, quiet=True)
     backbone = build_backbone_from_cfg(cfg, "cpu", quiet=True)
     miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
-    pictures = Pictures(cfg, Path(cfg.stage_dir), backbone, backbone.describe().get("init") == "random")
+    pictures = Pictures(cfg, Path(cfg.stage_dir), backbone, random_init(backbone=backbone.describe()))
     stats = mine_images(dataset, backbone, miner, indices[shard::num_shards], record=emit,
                         feature=str(cfg.backbone.feature), num_workers=0, device="cpu", progress=False,
                         max_side=cfg.dataset.max_side, on_result=pictures)

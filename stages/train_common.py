@@ -208,7 +208,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     root = coco_image_root(cfg, coco, override=sec.get("image_root"), fallback=in_path.parent)
     try:
         dataset = DetectionDataset(in_path, root, class_agnostic=class_agnostic,
-                                   min_box_size=float(sec.min_box_size), what=what)
+                                   min_box_size=float(sec.min_box_size), what=what, hint=hint)
     except ValueError as e:  # empty file, nothing trainable: one clear line, exit 2
         raise ArtifactError(str(e)) from None
     eval_records, eval_missing = training_set_records(cfg, coco, root) if cfg.eval.enabled and rank == 0 else ([], 0)

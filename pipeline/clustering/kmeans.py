@@ -46,12 +46,11 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, n_init: int = 1, iters: int = 2
         raise ValueError("k-means features contain NaN or inf: check the feature extraction / whitening.")
     n, d = x.shape
     if int(k) != k or k < 1:
-        raise ValueError(f"cluster.k must be a positive integer, got {k!r}")
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > n:
-        raise ValueError(f"cluster.k={k} is larger than the number of boxes ({n}): lower cluster.k "
-                         "or cluster more boxes.")
+        raise ValueError(f"k={k} is larger than the number of boxes ({n}): lower k or cluster more boxes.")
     if n_init < 1 or iters < 1:
-        raise ValueError(f"cluster.n_init and cluster.iters must be >= 1, got {n_init} and {iters}")
+        raise ValueError(f"n_init and iters must be >= 1, got {n_init} and {iters}")
 
     best: KMeansResult | None = None
     inertias = []

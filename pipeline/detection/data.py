@@ -39,13 +39,14 @@ class DetectionDataset(torch.utils.data.Dataset):
     """Validated detector training set; see the module docstring. ``stats`` counts what was dropped."""
 
     def __init__(self, coco: str | os.PathLike | dict, image_root: str | os.PathLike | None, *,
-                 class_agnostic: bool = False, min_box_size: float = 1.0, what: str = "pseudo-box file"):
+                 class_agnostic: bool = False, min_box_size: float = 1.0, what: str = "pseudo-box file",
+                 hint: str = MAKER_HINT):
+        """``hint``: what the user can do about a missing or empty file (the stage names its own keys)."""
         self.source = str(coco) if not isinstance(coco, dict) else "<in-memory COCO dataset>"
-        data = coco if isinstance(coco, dict) else read_coco_boxes(coco, what, MAKER_HINT)
+        data = coco if isinstance(coco, dict) else read_coco_boxes(coco, what, hint)
         if not data.get("images") or not data.get("annotations"):
             raise ValueError(f"{what} {self.source} is empty ({len(data.get('images', []))} images, "
-                             f"{len(data.get('annotations', []))} boxes): nothing to train on. {MAKER_HINT} "
-                             "Check that stage's output, or pass another file with train_cag.boxes=...")
+                             f"{len(data.get('annotations', []))} boxes): nothing to train on. {hint}")
         cats = sorted(int(c["id"]) for c in data.get("categories") or [{"id": 1}])
         self.category_ids = [1] if class_agnostic else cats
         self.category_names = ["object"] if class_agnostic else [
