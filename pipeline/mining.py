@@ -25,6 +25,9 @@ from pipeline.data.records import Dataset, ImageRecord
 from pipeline.journal import Journal, canonical_json, discard_journal
 
 
+SLOW_IMAGE_S = 20.0   # seconds per image above which the progress bar names the image
+
+
 def shard_indices(n: int, shard: int, num_shards: int) -> list[int]:
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"shard must be in [0, num_shards): got shard={shard}, num_shards={num_shards}")
@@ -189,6 +192,7 @@ def mine_images(
     bar = tqdm(total=len(indices), disable=not progress, desc=f"mine {dataset.name}", unit="img",
                dynamic_ncols=True)
     needs = miner.needs
+    t_batch = time.time()
     for items in loader:
         ok = [x for x in items if x["error"] is None]
         outs = backbone.features_batch([x["image"] for x in ok], which=feature, with_cls_attn=needs.cls_attn,
@@ -202,6 +206,12 @@ def mine_images(
                     hits += int(hit)
                     total += 1
                     bar.set_postfix(corloc=f"{100.0 * hits / total:.1f}%", failed=len(run.failures))
+        per_image = (time.time() - t_batch) / max(1, len(items))
+        if per_image > SLOW_IMAGE_S:  # a huge photo looks like a hang: say which one (dataset.max_side helps)
+            big = max(ok, key=lambda x: x["size"][0] * x["size"][1]) if ok else items[0]
+            bar.write(f"slow: {big['record'].image_id} ({big['size'][1]}x{big['size'][0]} px) took "
+                      f"{per_image:.0f} s; dataset.max_side=1024 shrinks big images")
+        t_batch = time.time()
     bar.close()
     run.seconds = time.time() - start
     return run

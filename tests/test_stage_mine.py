@@ -187,3 +187,31 @@ def test_cli_bad_root_is_one_clear_line(tmp_path):
                                    f"paths.output_root={tmp_path}", *FAST], check=False)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while mining: one line (no KeyboardInterrupt traceback), exit 130, and what was mined is kept."""
+    import pipeline.mining as mining
+    from stages.common import run_guarded
+    from stages.mine import run
+
+    src = _folder(tmp_path, 3)
+    cfg = compose_cfg("mine", [f"paths.output_root={tmp_path}", *FAST, "dataset=folder", f"dataset.root={src}",
+                               "viz.num_images=0"])
+    real = mining.make_row
+    calls = []
+
+    def interrupt_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(mining, "make_row", interrupt_second)
+    with pytest.raises(SystemExit) as e:
+        run_guarded(run, cfg)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "interrupted" in err and "resumes" in err and "Traceback" not in err
+    monkeypatch.setattr(mining, "make_row", real)
+    m = run(cfg)
+    assert m["resumed"] == 1 and m["computed_this_run"] == 2
