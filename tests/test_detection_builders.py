@@ -56,8 +56,11 @@ def test_dino_keys_land_on_the_right_tensors(dino_file, preset):
         assert torch.equal(target[name], v), k
         checked += 1
     assert checked >= 265  # 53 convs + 53 BNs x 4 tensors
-    info = model.detector_info
-    assert info["init"] == "dino" and info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    from pipeline.detection.checkpoint import DetectorSpec
+
+    spec = DetectorSpec.from_build_kwargs({"preset": preset, "num_classes": 1, "init": "dino", "weights": str(path)})
+    assert spec.init == "dino" and spec.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert not hasattr(model, "detector_info")  # what a detector is travels in its DetectorSpec, not on the module
 
 
 def test_c4_structure_freezing_and_forward(dino_file):
@@ -93,7 +96,6 @@ def test_random_init_and_test_size():
     w = "roi_heads.box_head.fc6.weight"
     assert torch.equal(m.state_dict()[w], m2.state_dict()[w]) and not torch.equal(m.state_dict()[w], m3.state_dict()[w])
     assert m.roi_heads.box_predictor.cls_score.out_features == 4
-    assert m.detector_info["init"] == "random" and m.detector_info["weights"] is None
     m.eval()
     img, _ = m.transform([torch.rand(3, 100, 200)])
     assert img.image_sizes[0] == (72, 144)  # the test size, not the largest training size (96 -> 80 x 160)

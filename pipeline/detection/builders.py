@@ -15,9 +15,8 @@ Presets (``num_classes`` = foreground classes, 1 for class-agnostic; the predict
   only (no DINO MobileNet exists); what the CPU tests use.
 
 ``init``: ``"random"`` or ``"dino"``/``"imagenet"`` (a torchvision-format ResNet-50 file given as
-``weights``; nothing is ever downloaded). The returned model carries ``model.detector_info``
-(preset, init, weights path and sha256, classes, sizes), for information only: what a trained detector
-is travels as a :class:`pipeline.detection.checkpoint.DetectorSpec` in its checkpoint.
+``weights``; nothing is ever downloaded). What a detector is (preset, init, weights sha256, classes,
+sizes) is a :class:`pipeline.detection.checkpoint.DetectorSpec`, saved with the weights in its checkpoint.
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, fasterrc
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.artifacts import sha256_file
 from pipeline.detection.c4 import Res5BoxHead, ResNetC4Backbone, RoIAlignC4, freeze, freeze_batchnorm
 from pipeline.detection.weights import INIT_URLS, WeightsError, load_resnet50_weights
 
@@ -165,18 +163,11 @@ def build_detector(
                 rpn_post_nms_top_n_train=topk[1], rpn_pre_nms_top_n_test=topk[2], rpn_post_nms_top_n_test=topk[3],
                 **kw)
             key_map = None
-    loaded = load_resnet50_weights(model, weights, key_map) if pretrained else None
+    if pretrained:
+        load_resnet50_weights(model, weights, key_map)
     if preset == "r50_c4":
         _finish_c4(model, pretrained, norm)
     t = model.transform
     model.transform = _Transform(sizes, max_size, t.image_mean, t.image_std, test_min_size=test_size)
-    model.detector_info = {
-        "preset": preset, "num_classes": int(num_classes), "init": init,
-        "weights": str(weights) if pretrained else None,
-        "weights_sha256": sha256_file(weights) if pretrained else None,
-        "weights_loaded": loaded["loaded"] if loaded else 0,
-        "train_min_size": list(sizes), "test_min_size": test_size, "max_size": int(max_size),
-        "norm": norm if preset == "r50_c4" else None, "seed": int(seed),
-    }
     return model
 
