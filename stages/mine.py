@@ -299,7 +299,7 @@ def run(cfg: DictConfig) -> dict | None:
     if run.num_shards == 1:  # a killed run may have left half-written temp files (shards may be writing theirs)
         for d in (stage_dir, pictures.dir):
             remove_stale_temps(d)
-        if plan.action != "run" or cfg.force:
+        if cfg.force:  # a grown run keeps the pictures it has (they are of the first images)
             pictures.clear()
     procs = _procs(cfg, device, len(todo))
     if procs > 1:
