@@ -149,34 +149,6 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
         raise SystemExit(130) from None
 
 
-def config_fingerprint(cfg: DictConfig, *keys: str) -> str:
-    """sha256 of the resolved sub-configs ``keys``: what decides a stage's results."""
-    from pipeline.artifacts import sha256_json
-
-    def plain(v):
-        return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-
-    return sha256_json({k: plain(OmegaConf.select(cfg, k)) for k in keys})
-
-
-def up_to_date(stage_dir: Path, fingerprint: str, outputs: tuple[str, ...]) -> bool:
-    """True when ``stage_dir`` holds ``outputs`` and a manifest of the same fingerprint whose inputs are
-    unchanged (like make: a rerun does nothing; FORCE=1 redoes it)."""
-    import json
-
-    from pipeline.status import stage_state
-
-    man = stage_dir / "manifest.json"
-    if not man.is_file() or not all((stage_dir / o).is_file() for o in outputs):
-        return False
-    try:
-        if json.loads(man.read_text()).get("fingerprint") != fingerprint:
-            return False
-    except json.JSONDecodeError:
-        return False
-    return stage_state(stage_dir).state == "done"
-
-
 def export_submitit_distributed_env() -> None:
     """Inside a multi-task submitit job (``hydra/launcher=slurm_ddp``, or ``local`` with
     ``tasks_per_node>1``), export the RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT that torch's

@@ -11,7 +11,9 @@ cluster_run/image_root/min_box_size) and the input file's sha256. The *report* k
 eval, viz, progress, num_workers, device) decide only detections.json, metrics.json's ``eval`` and viz/.
 ``force``, ``<section>.resume``/``stop_after`` and ``stage_dir`` are controls, in neither. A rerun:
 
-- same artifact and report config, outputs complete and inputs unchanged: "up to date", nothing is done;
+The finished stage's manifest.json records both (the same rule as every stage, :func:`pipeline.rerun.plan_rerun`).
+
+- same artifact and report config, outputs complete (the input's hash is part of the artifact): "up to date";
 - same artifact config, model.pt complete: only inference/evaluation/pictures are redone on it
   (model.pt and metrics.jsonl untouched, no training);
 - same artifact config, model.pt partial: ``<section>.resume=true`` continues it exactly, otherwise an error;
@@ -32,9 +34,9 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import ArtifactError, read_coco_boxes, read_json, write_json
-from pipeline.rerun import diff_values, format_changes
+from pipeline.rerun import diff_values, format_changes, plan_rerun
 from stages.common import (Timer, build_dataset_from_cfg, coco_image_root, dataset_identity,
-                           export_submitit_distributed_env, resolve_device, to_container, up_to_date, warn_random)
+                           export_submitit_distributed_env, resolve_device, to_container, warn_random)
 from stages.detector_common import detect_score_draw, format_eval
 
 STAGE_FILES = ("model.pt", "metrics.jsonl", "metrics.json", "detections.json", "manifest.json")
@@ -138,16 +140,6 @@ def decide(ckpt_path: Path, artifact: dict, *, resume: bool, section: str) -> st
     return "resume"
 
 
-def _report_changes(stage_dir: Path, report: dict) -> str:
-    man = stage_dir / "manifest.json"
-    try:
-        old = read_json(man).get("config") or {}
-    except Exception:  # noqa: BLE001 - no (readable) manifest: the report is simply missing
-        return "report outputs missing"
-    changes = diff_values({k: old.get(k) for k in REPORT_KEYS}, report)
-    return format_changes(changes) if changes else "report outputs missing or incomplete"
-
-
 def _previous_training(stage_dir: Path, iteration: int) -> dict:
     """The training summary of the run that wrote model.pt (its metrics.json, else its metrics.jsonl)."""
     try:
@@ -172,7 +164,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     run stopped early (``<section>.stop_after``)."""
     import torch.distributed as dist
 
-    from pipeline.artifacts import sha256_json, write_manifest
+    from pipeline.artifacts import write_manifest
     from pipeline.detection.checkpoint import Checkpointer, DetectorSpec, load_detector
     from pipeline.detection.data import DetectionDataset
     from pipeline.detection.trainer import Schedule, init_distributed, train
@@ -190,9 +182,9 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
         raise ArtifactError(f"schedule: {e}") from None
     coco = read_coco_boxes(in_path, what, hint)
     artifact, report = artifact_config(cfg, artifact_keys, in_path), report_config(cfg)
-    fp = sha256_json({"artifact": artifact, "report": report})
     outputs = ("model.pt", "metrics.json") + (("detections.json",) if cfg.eval.enabled else ())
-    if not cfg.force and up_to_date(stage_dir, fp, outputs):
+    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs, force=bool(cfg.force))
+    if plan.action == "skip":
         if rank == 0:
             print(f"{stage}: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "
                   "redoes it.", flush=True)
@@ -226,8 +218,9 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     if mode == "report":
         if rank != 0:
             return None
+        changes = "; ".join(plan.report_changes) or "report outputs missing or incomplete"
         print(f"{stage}: {ckpt_path} is complete for this configuration; only the report changed "
-              f"({_report_changes(stage_dir, report)}): re-running inference, evaluation and pictures on it "
+              f"({changes}): re-running inference, evaluation and pictures on it "
               "(model.pt and metrics.jsonl are kept)", flush=True)
         model, spec, meta = load_detector(ckpt_path)
         iteration = meta["iteration"]
@@ -273,7 +266,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     write_json(stage_dir / "metrics.json", metrics)
     write_manifest(stage_dir, stage=stage, config=to_container(cfg), inputs={section_input(section): in_path},
                    weights_sha256=spec.weights_sha256, start_time=timer.start, end_time=time.time(),
-                   extra={"fingerprint": fp, "artifact_fingerprint": sha256_json(artifact), "iteration": iteration,
+                   extra={"artifact": artifact, "report": report, "iteration": iteration,
                           "random_init": metrics["random_init"], "model_reused": mode == "report",
                           "annotations_digest": annotations_digest(eval_records) if eval_records else None})
     print_summary(stage, stage_dir, metrics)

@@ -106,7 +106,7 @@ def test_train_cag_writes_model_detections_metrics_manifest(trained, voc07_mini)
     assert len(list((stage / "viz").glob("*.png"))) == 3
 
     man = json.loads((stage / "manifest.json").read_text())
-    assert man["stage"] == "train_cag" and man["fingerprint"] and man["random_init"] is True
+    assert man["stage"] == "train_cag" and man["artifact"]["input_sha256"] and man["random_init"] is True
     assert man["inputs"]["pseudo_boxes"] == {"path": str(boxes), "sha256": sha256_file(boxes)}
 
 
