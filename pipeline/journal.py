@@ -30,16 +30,6 @@ def meta_path_of(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths of the leaves that differ between two JSON values."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".") or "<root>"]
-
-
 class Journal:
     def __init__(self, path: str | os.PathLike, meta: dict[str, Any], key: str = "index") -> None:
         self.path = Path(path)
@@ -50,12 +40,12 @@ class Journal:
         if self.meta_path.exists() and self.path.exists():
             old = read_json(self.meta_path, "journal meta")
             if old != meta:
-                changed = _diff(old, meta)
-                more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+                from pipeline.rerun import diff_values, format_changes
+
                 raise JournalMismatch(
                     f"{self.path} holds partial results of a different configuration (changed: "
-                    f"{', '.join(changed[:5])}{more}). Rerun with FORCE=1 (mine.force=true) to start again, or "
-                    f"restore the previous settings to resume."
+                    f"{format_changes(diff_values(old, meta))}). Rerun with FORCE=1 (force=true) to start again, "
+                    "or restore the previous settings to resume."
                 )
         else:
             write_json(self.meta_path, meta)
