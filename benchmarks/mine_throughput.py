@@ -9,7 +9,7 @@ journal line) on the VOC07 fixture, after one warm-up image, and prints for ever
 and the seconds spent in decode (loader, in this process), forward (backbone, incl. host->device
 copy), miner, write (journal) and idle (waiting for DataLoader workers). ``--procs N`` (0 = choose
 automatically on CPU) mines in N one-thread worker processes, shard i taking images i, i+N, ... as
-sharded mining does; the start-up (spawn + import + backbone build) of each worker is reported.
+sharded mining does; the start-up (fork or spawn + import, backbone build) of each worker is reported.
 
 Throughput does not depend on the weights, so random weights are used when none are given. On CUDA
 the default batch path is grouped (``exact=False``); ``--exact`` forces one forward per image.
@@ -148,7 +148,8 @@ def main(argv=None) -> None:
     ap.add_argument("--exact", action="store_true", help="one forward per image on CUDA too")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process (default: torch's)")
     ap.add_argument("--procs", type=int, default=1, help="CPU worker processes, 1 thread each (0 = automatic)")
-    ap.add_argument("--start-method", default="spawn", choices=["spawn", "fork"])
+    ap.add_argument("--start-method", default=None, choices=["spawn", "fork"],
+                    help="worker start (default: fork where available, as the mine stage; spawn elsewhere)")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader decode workers (in-process mode)")
     ap.add_argument("--weights", default=None)
     args = ap.parse_args(argv)
@@ -172,6 +173,9 @@ def main(argv=None) -> None:
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
 
+        from pipeline.parallel import fork_available
+
+        start_method = args.start_method or ("fork" if fork_available() else "spawn")
         n_images = len(build_dataset("voc07", args.data, max_images=args.images))
         procs = args.procs or choose_cpu_workers(n_images)
         print(f"arch={args.arch} miner={args.miner} device=cpu processes={procs} x 1 thread "
@@ -179,14 +183,14 @@ def main(argv=None) -> None:
         print(header)
         for batch in args.batch:
             t0 = time.time()
-            res = run_parallel(f"{Path(__file__).stem}:bench_shard", procs, start_method=args.start_method,
+            res = run_parallel(f"{Path(__file__).stem}:bench_shard", procs, start_method=start_method,
                                kwargs={"args": {**shared, "batch": batch}, "t_spawn": t0})
             wall = time.time() - t0
             steady = max(r["t_end"] for r in res) - min(r["t_start"] for r in res)
             tot = {k: sum(r[k] for r in res) for k in ("decode", "forward", "miner", "write", "idle", "images")}
             _print_row(f"procs={procs} batch={batch} steady", {**tot, "wall": steady})
             _print_row(f"procs={procs} batch={batch} +startup", {**tot, "wall": wall})
-            print(f"  per worker: spawn+import {[round(r['spawn_import_s'], 1) for r in res]} s, "
+            print(f"  per worker ({start_method}): start+import {[round(r['spawn_import_s'], 1) for r in res]} s, "
                   f"build {[round(r['build_s'], 1) for r in res]} s, max RSS {[round(r['maxrss_gib'], 2) for r in res]}"
                   " GiB (busy seconds above are summed over workers)")
         return

@@ -182,7 +182,7 @@ def git_revision(cwd: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
-def package_versions(names: Iterable[str] = ("torch", "torchvision", "timm", "numpy", "scipy", "faiss-cpu",
+def package_versions(names: Iterable[str] = ("torch", "torchvision", "numpy", "scipy", "faiss-cpu",
                                               "pycocotools", "hydra-core", "scikit-image", "pillow")) -> dict:
     from importlib import metadata
 

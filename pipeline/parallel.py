@@ -58,6 +58,17 @@ def choose_cpu_workers(n_images: int, cores: int | None = None, *, min_images_pe
     return max(1, min(cores, int(n_images) // int(min_images_per_worker)))
 
 
+def fork_available() -> bool:
+    """Whether workers may be forked: Linux only (macOS's system libraries are not fork-safe; Windows has
+    no fork), and never from a process that has initialised CUDA (a forked child cannot use it)."""
+    import sys
+
+    if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
+        return False
+    torch = sys.modules.get("torch")
+    return not (torch is not None and torch.cuda.is_initialized())
+
+
 def resolve_target(target: str | Callable) -> Callable:
     """``"package.module:function"`` -> the function (a callable is returned as it is)."""
     if callable(target):
@@ -107,16 +118,23 @@ def run_parallel(target: str | Callable, num_procs: int, *, kwargs: dict | None 
     """Run ``target(shard, num_shards, emit, **kwargs)`` for shard 0..num_procs-1, one process each.
 
     Workers start with ``threads_per_proc`` torch/OpenMP threads (``torch.set_num_threads`` and the
-    OMP/MKL environment). ``start_method`` "spawn" (default: safe with OpenMP and CUDA, start-up pays
-    ``import torch``) or "fork" (faster start-up on Linux; only from a process that has not used
-    OpenMP threads or CUDA yet). A target given as a callable must be importable by the workers
-    (a module-level function). Returns the targets' return values by shard. If a worker raises or
+    OMP/MKL environment). ``start_method`` "spawn" (default: start-up pays ``import torch`` and whatever
+    the target builds; a callable target must be a module-level function, its kwargs picklable) or
+    "fork" (Linux, :func:`fork_available`: the workers start at once with the parent's memory, so
+    kwargs may hold built models and datasets, shared copy-on-write and never pickled). A forked
+    worker must run one thread: with one thread set, PyTorch enters no OpenMP region (its
+    ``parallel_for`` runs inline), which is what makes forking a process that has already used OpenMP
+    threads safe (PyTorch's DataLoader workers rely on the same). Returns the targets' return values
+    by shard. If a worker raises or
     dies, the others are stopped and :class:`WorkerError` is raised (finished shard journals stay;
     a rerun resumes them).
     """
     num_procs = int(num_procs)
     if num_procs < 1:
         raise ValueError(f"num_procs must be >= 1, got {num_procs}")
+    if start_method == "fork" and (int(threads_per_proc) != 1 or not fork_available()):
+        raise ValueError("start_method='fork' needs one thread per worker, Linux and a process without CUDA "
+                         f"(threads_per_proc={threads_per_proc}, fork_available()={fork_available()}); use 'spawn'")
     if isinstance(target, str):
         resolve_target(target)  # fail here, with a clear message, not in every worker
     ctx = mp.get_context(start_method)
@@ -161,4 +179,5 @@ def run_parallel(target: str | Callable, num_procs: int, *, kwargs: dict | None 
     return [results[s] for s in range(num_procs)]
 
 
-__all__ = ["THREAD_ENV", "WorkerError", "available_cores", "choose_cpu_workers", "resolve_target", "run_parallel"]
+__all__ = ["THREAD_ENV", "WorkerError", "available_cores", "choose_cpu_workers", "fork_available", "resolve_target",
+           "run_parallel"]

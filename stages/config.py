@@ -8,6 +8,7 @@ names the nearest valid key (Hydra alone would say "Key 'k_patch' is not in stru
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import sys
 from dataclasses import dataclass, field
@@ -310,12 +311,40 @@ def nearest_key(cfg: DictConfig, dotted: str) -> str | None:
     return f"{parent + '.' if parent else ''}{match[0]}" if match else None
 
 
+_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": BackboneConf, "detector": DetectorConf,
+                  "schedule": ScheduleConf}
+
+
+def schema_has(key: str, groups: list[str]) -> bool:
+    """True when the schemas alone show that every composition has the dotted ``key`` (a field of
+    :class:`PipelineConf`, of its sections or of a group's schema, the chosen miner's included). False
+    means "not sure" (``dirs.*``, another miner's key...): :func:`unknown_keys` then composes to know."""
+    head, _, rest = key.partition(".")
+    if head == "miner":
+        if any("experiment" in g for g in groups):  # an experiment may choose the miner
+            return False
+        obj = MINER_SCHEMAS.get(next((g.split("=", 1)[1] for g in groups if g.startswith("miner=")), "lost"))
+    elif head in _GROUP_SCHEMAS:
+        obj = _GROUP_SCHEMAS[head]
+    else:
+        obj, rest = PipelineConf, key
+    if obj is None or not rest:
+        return False
+    obj = obj()
+    for part in rest.split("."):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
 def unknown_keys(config_name: str, args: list[str]) -> list[str]:
-    """One message per command-line key that the composed config does not have."""
+    """One message per command-line key that the composed config does not have. Composing costs about a
+    third of a second (Hydra composes twice more itself), so keys the schemas vouch for skip it."""
     from hydra import compose, initialize_config_dir
 
     groups, keys = _plain_overrides(args)
-    if not keys:
+    if all(schema_has(key, groups) for key, _ in keys):
         return []
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -118,21 +118,21 @@ def _batch_size(cfg: DictConfig, device: str) -> int:
 
 def _procs(cfg: DictConfig, device: str, n_todo: int) -> int:
     """Worker processes for this run: on a CPU, ``mine.procs``; by default one per core (each with >= 8
-    images) on machines with at least 4 cores, and this process alone on smaller ones, where the workers'
-    start-up (spawn, imports, model build: ~6-10 s) outweighed the gain on the 60-image fixture (measured on
-    2 cores: README "Performance"). Elsewhere (GPU, a sharded run) one."""
-    from pipeline.parallel import available_cores, choose_cpu_workers
+    images) where workers can be forked (Linux: they start at once, sharing the built model), and where
+    they must be spawned (each imports torch and builds the model: ~6-10 s) only on machines with at least
+    4 cores. Elsewhere (GPU, a sharded run) one. Measured in README "Performance"."""
+    from pipeline.parallel import available_cores, choose_cpu_workers, fork_available
 
     if device != "cpu" or int(cfg.mine.num_shards) > 1 or n_todo == 0:
         return 1
     if cfg.mine.procs is not None:
         return max(1, min(int(cfg.mine.procs), n_todo))
-    return choose_cpu_workers(n_todo) if available_cores() >= 4 else 1
+    return choose_cpu_workers(n_todo) if fork_available() or available_cores() >= 4 else 1
 
 
 def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]) -> int:
-    """A CPU worker process (one thread): mines ``indices[shard::num_shards]`` and sends each row to the
-    parent (which journals it), after drawing its picture. Built from the resolved config, as the stage."""
+    """A spawned CPU worker (one thread; platforms without ``fork``): builds dataset, backbone, miner and
+    pictures from the resolved config, as the stage does, then mines its share (:func:`_mine_share`)."""
     from omegaconf import OmegaConf
 
     from pipeline.discovery import build_miner
@@ -142,19 +142,30 @@ def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]
     backbone = build_backbone_from_cfg(cfg, "cpu", quiet=True)
     miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
     pictures = Pictures(cfg, Path(cfg.stage_dir), backbone, random_init(backbone=backbone.describe()))
-    stats = mine_images(dataset, backbone, miner, indices[shard::num_shards], record=emit,
-                        feature=str(cfg.backbone.feature), num_workers=0, device="cpu", progress=False,
-                        max_side=cfg.dataset.max_side, on_result=pictures)
+    return _mine_share(shard, num_shards, emit, dataset=dataset, backbone=backbone, miner=miner,
+                       pictures=pictures, indices=indices, feature=str(cfg.backbone.feature),
+                       max_side=cfg.dataset.max_side)
+
+
+def _mine_share(shard: int, num_shards: int, emit, *, dataset, backbone, miner, pictures, indices: list[int],
+                feature: str, max_side) -> int:
+    """Mine ``indices[shard::num_shards]`` in this (worker) process and send each row to the parent (which
+    journals it), after drawing its picture. A forked worker gets the parent's built objects as they are."""
+    stats = mine_images(dataset, backbone, miner, indices[shard::num_shards], record=emit, feature=feature,
+                        num_workers=0, device="cpu", progress=False, max_side=max_side, on_result=pictures)
     return stats.computed
 
 
-def _mine_in_processes(cfg: DictConfig, run: MiningRun, dataset, todo: list[int], procs: int):
+def _mine_in_processes(cfg: DictConfig, run: MiningRun, dataset, todo: list[int], procs: int, *, backbone,
+                       miner, pictures):
     """Mine ``todo`` in ``procs`` one-thread worker processes; this process journals their rows as they come
-    (one journal, as a single process writes it: a killed run resumes the same way)."""
+    (one journal, as a single process writes it: a killed run resumes the same way). On Linux the workers
+    are forked after the backbone is built, so they start at once with the parent's model (shared
+    copy-on-write); elsewhere they are spawned and build their own (seconds each)."""
     from tqdm import tqdm
 
     from pipeline.mining import MineStats
-    from pipeline.parallel import run_parallel
+    from pipeline.parallel import fork_available, run_parallel
 
     by_id = {r.image_id: r for r in dataset.records}
     stats, hits, total = MineStats(), 0, 0
@@ -175,8 +186,14 @@ def _mine_in_processes(cfg: DictConfig, run: MiningRun, dataset, todo: list[int]
             hits, total = hits + int(hit), total + 1
             bar.set_postfix(corloc=f"{100.0 * hits / total:.1f}%", failed=len(stats.failures))
 
-    run_parallel("stages.mine:mine_worker", procs, kwargs={"cfg": to_container(cfg), "indices": list(todo)},
-                 on_message=on_row)
+    if fork_available():
+        run_parallel(_mine_share, procs, start_method="fork", on_message=on_row,
+                     kwargs={"dataset": dataset, "backbone": backbone, "miner": miner, "pictures": pictures,
+                             "indices": list(todo), "feature": str(cfg.backbone.feature),
+                             "max_side": cfg.dataset.max_side})
+    else:
+        run_parallel("stages.mine:mine_worker", procs, kwargs={"cfg": to_container(cfg), "indices": list(todo)},
+                     on_message=on_row)
     bar.close()
     stats.seconds = time.time() - start
     return stats
@@ -303,7 +320,8 @@ def run(cfg: DictConfig) -> dict | None:
             pictures.clear()
     procs = _procs(cfg, device, len(todo))
     if procs > 1:
-        stats = _mine_in_processes(cfg, run, dataset, todo, procs)
+        stats = _mine_in_processes(cfg, run, dataset, todo, procs, backbone=backbone, miner=miner,
+                                   pictures=pictures)
     else:
         stats = mine_images(dataset, backbone, miner, todo, record=run.record, feature=str(cfg.backbone.feature),
                             num_workers=int(cfg.num_workers), device=device, progress=bool(cfg.progress),

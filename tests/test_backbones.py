@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models import resnet50
 
 from pipeline.backbones import ARCHS, IMAGENET_MEAN, IMAGENET_STD, FeatureOutput, build_backbone, preprocess_image
+from pipeline.backbones.vit import ROW_BLOCK, row_blocks, softmax_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,17 +111,15 @@ def test_tokens_and_early_stop_agree_with_full_forward(vits16):
 def test_cls_attention_is_dino_softmax(vits16):
     m = vits16.model
     store = {}
-    hooks = [_capture(m.blocks[-2], store, "x"), _capture(m.blocks[-1].attn.attn_drop, store, "attn")]
+    hk = _capture(m.blocks[-2], store, "x")
     try:
         out = vits16.features(_img(64, 48, b=2), which="tokens", with_cls_attn=True)
     finally:
-        for h in hooks:
-            h.remove()
+        hk.remove()
     a = out.cls_attn
     assert a.shape == (2, 6, 12)
     # softmax over all tokens incl. CLS: patch part sums to 1 - (CLS self weight), strictly inside (0, 1)
     assert ((a.sum(-1) > 0) & (a.sum(-1) < 1)).all() and (a > 0).all()
-    torch.testing.assert_close(a, store["attn"][:, :, 0, 1:], atol=1e-7, rtol=0)  # timm's own attention
     last = m.blocks[-1]
     qkv = F.linear(F.layer_norm(store["x"], (384,), last.norm1.weight, last.norm1.bias, eps=1e-6),
                    last.attn.qkv.weight, last.attn.qkv.bias)
@@ -227,6 +226,59 @@ def test_resnet_refuses_cls_attention_and_qv(r50):
         r50.features(_img(32, 32), with_cls_attn=True)
     with pytest.raises(ValueError, match="no queries/values"):
         r50.features(_img(32, 32), which="q")
+
+
+# --------------------------------------------------------------------------- attention in blocks of query rows
+def _dino_attention(q, k, v, scale):
+    """DINO's attention, literally: ``softmax((q kᵀ) * scale) v`` in one product."""
+    return ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+
+
+def test_row_blocks_are_balanced_and_cover():
+    assert row_blocks(5, 0) == [(0, 5)] and row_blocks(256, 256) == [(0, 256)]
+    assert row_blocks(257, 256) == [(0, 128), (128, 257)]  # never a 1-row tail
+    for n in range(1, 3000, 7):
+        for rb in (64, 256):
+            b = row_blocks(n, rb)
+            assert b[0][0] == 0 and b[-1][1] == n and all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
+            sizes = [r1 - r0 for r0, r1 in b]
+            assert max(sizes) <= max(rb, n if n <= rb else 0) and max(sizes) - min(sizes) <= 1
+            assert n <= rb or min(sizes) >= rb // 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_blocked_attention_is_bit_identical_to_one_product(threads):
+    """Every block size gives DINO's one-product attention bit for bit, across token counts around the
+    block boundaries, batch sizes, a power-of-two scale (q scaled first) and another (scores scaled)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        ns = [*range(2, 12), 63, 64, 65, *range(127, 132), 255, 256, 257, 258, 385, 513, 769, 1030]
+        for n in ns:
+            for b, heads, d in ((1, 6, 64), (3, 6, 64), (1, 4, 48)):
+                q, k, v = torch.randn(b, n, 3, heads, d, generator=g).permute(2, 0, 3, 1, 4)
+                ref = _dino_attention(q, k, v, d ** -0.5)
+                for rb in (0, 64, ROW_BLOCK):
+                    assert torch.equal(softmax_attention(q, k, v, d ** -0.5, rb), ref), (n, b, heads, d, rb)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_features_do_not_depend_on_row_blocks(vits16):
+    """The model's attention on a CPU runs in blocks (ROW_BLOCK rows); one block gives the same bits."""
+    x = _img(336, 512, seed=11)  # 21 x 32 patches: 673 tokens, 3 blocks
+    assert all(blk.attn.row_block == ROW_BLOCK for blk in vits16.model.blocks)
+    blocked = (vits16.features(x, which="tokens", with_cls_attn=True), vits16.features(x), vits16.embed(x))
+    try:
+        for blk in vits16.model.blocks:
+            blk.attn.row_block = 0
+        plain = (vits16.features(x, which="tokens", with_cls_attn=True), vits16.features(x), vits16.embed(x))
+    finally:
+        for blk in vits16.model.blocks:
+            blk.attn.row_block = ROW_BLOCK
+    assert torch.equal(blocked[0].feats, plain[0].feats) and torch.equal(blocked[0].cls_attn, plain[0].cls_attn)
+    assert torch.equal(blocked[1].feats, plain[1].feats) and torch.equal(blocked[2], plain[2])
 
 
 # --------------------------------------------------------------------------- build / describe / configs

@@ -175,6 +175,31 @@ def test_run_parallel_shards_like_journals():
         run_parallel("no_colon", 1)
 
 
+def test_run_parallel_fork_shares_built_objects():
+    """Forked workers get the parent's objects as they are (nothing pickled: a lambda and a model travel),
+    run one thread, and shard like spawned ones; fork refuses more than one thread per worker."""
+    from pipeline.parallel import fork_available
+
+    if not fork_available():
+        pytest.skip("no fork on this platform")
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    want = model(x).detach()
+    got = {}
+
+    def target(shard, num_shards, emit, model, rows, scale):
+        for i in range(shard, len(rows), num_shards):
+            emit((i, scale(model(rows[i:i + 1]).detach()).tolist(), torch.get_num_threads()))
+        return shard
+
+    res = run_parallel(target, 2, start_method="fork", kwargs={"model": model, "rows": x, "scale": lambda t: 2 * t},
+                       on_message=lambda s, m: got.__setitem__(m[0], m[1:]))
+    assert res == [0, 1] and sorted(got) == list(range(5))
+    assert all(got[i][0] == (2 * want[i:i + 1]).tolist() and got[i][1] == 1 for i in got)
+    with pytest.raises(ValueError, match="one thread per worker"):
+        run_parallel(target, 2, start_method="fork", threads_per_proc=2, kwargs={})
+
+
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

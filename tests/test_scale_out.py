@@ -255,9 +255,11 @@ def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
     assert proc.stderr.startswith("error: hydra/launcher=slurm") and "hydra/launcher=local" in proc.stderr
 
 
-def test_cpu_worker_processes_and_batches_give_identical_boxes(tmp_path, voc07_mini):
-    """mine.procs=2 (two one-thread processes, one journal) and mine.batch_size=3 give the byte-identical
-    pseudo_boxes.json of one process mining one image at a time, on real VOC images."""
+def test_cpu_worker_processes_and_batches_give_identical_boxes(tmp_path, voc07_mini, monkeypatch):
+    """mine.procs=2 (two one-thread processes, one journal; forked, and spawned as on platforms without
+    fork) and mine.batch_size=3 give the byte-identical pseudo_boxes.json of one process mining one image at
+    a time, on real VOC images."""
+    import pipeline.parallel
     from stages.mine import run
 
     def mine(out, *extra):
@@ -271,3 +273,6 @@ def test_cpu_worker_processes_and_batches_give_identical_boxes(tmp_path, voc07_m
     assert (m1["processes"], m2["processes"], m3["batch_size"]) == (1, 2, 3)
     assert two.read_bytes() == one.read_bytes() and batched.read_bytes() == one.read_bytes()
     assert m2["computed_this_run"] == 6 and len(list((two.parent / "viz").glob("*.png"))) == 2  # viz.num_images
+    monkeypatch.setattr(pipeline.parallel, "fork_available", lambda: False)  # workers build their own model
+    m4, spawned = mine(tmp_path / "spawned", "mine.procs=2")
+    assert m4["processes"] == 2 and spawned.read_bytes() == one.read_bytes()

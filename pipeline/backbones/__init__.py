@@ -1,4 +1,4 @@
-"""DINO backbones (ViT-S/B with patch 16/8 on timm, ResNet-50 on torchvision): weights, features."""
+"""DINO backbones (ViT-S/B with patch 16/8, our own module; ResNet-50 on torchvision): weights, features."""
 from pipeline.backbones.backbone import FEATURES, Backbone, FeatureOutput, build_backbone, group_by_size
 from pipeline.backbones.precision import PRECISIONS, check_precision, cpu_has_native_bf16
 from pipeline.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_image  # the data owns it

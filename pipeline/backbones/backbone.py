@@ -115,14 +115,14 @@ class Backbone:
 
     def _vit_features(self, img: Tensor, dims, which: str, with_cls_attn: bool) -> FeatureOutput:
         m = self.model
-        fused = self.precision != "fp32"  # reduced precision: SDPA attention (timm's fused path)
+        fused = self.precision != "fp32"  # reduced precision: PyTorch's fused SDPA attention
         saved = [blk.attn.fused_attn for blk in m.blocks]
         self._qkv = None
         try:
             if fused:
                 for blk in m.blocks:
                     blk.attn.fused_attn = True
-            x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(img))))
+            x = m.prepare_tokens(img)
             if which == "tokens":
                 for blk in m.blocks:
                     x = blk(x)
@@ -138,7 +138,7 @@ class Backbone:
             for blk, f in zip(m.blocks, saved):
                 blk.attn.fused_attn = f
         if qkv is None:
-            raise RuntimeError(f"{self.arch}: the qkv hook did not fire (unsupported timm version?)")
+            raise RuntimeError(f"{self.arch}: the qkv hook did not fire (was the model's last block replaced?)")
         b, n1, _ = qkv.shape
         heads, d = self.num_heads, self.embed_dim
         qkv = qkv.reshape(b, n1, 3, heads, d // heads)
@@ -253,7 +253,7 @@ def build_backbone(arch: str, *, init: str = "pretrained", weights: str | os.Pat
         raise ValueError(f"unknown backbone init {init!r}; choose one of {INITS} (backbone.init=...)")
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG state
         torch.manual_seed(int(seed))
-        if spec.family == "vit":  # timm's init is slow and pointless when weights replace it
+        if spec.family == "vit":  # the random init is slow and pointless when weights replace it
             model = build_dino_vit(spec, init_weights=init == "random")
         else:
             model = build_dino_resnet50()

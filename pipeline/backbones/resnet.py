@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet50
 
 
 def build_dino_resnet50() -> nn.Module:
-    """torchvision key names (no ``fc.*``); the LOST reference default dilation [False, False, True]."""
+    """torchvision key names (no ``fc.*``); the LOST reference default dilation [False, False, True].
+
+    torchvision is imported here, not at module import: it costs about a second of start-up (it loads
+    torch._dynamo), which a ViT run does not need."""
+    from torchvision.models import resnet50
+
     model = resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
     model.avgpool = nn.Identity()
     model.fc = nn.Identity()

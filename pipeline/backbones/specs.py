@@ -1,4 +1,4 @@
-"""The backbones this project knows: DINO ViTs (timm) and DINO ResNet-50 (torchvision)."""
+"""The backbones this project knows: DINO ViTs (our module, DINO key names) and DINO ResNet-50 (torchvision)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ class ArchSpec:
 
     arch: str
     family: str          # "vit" | "resnet"
-    model_name: str      # timm / torchvision model it mirrors
+    model_name: str      # the timm / torchvision model name of the same architecture (for messages)
     patch_size: int      # ViT patch size; ResNet output stride
     embed_dim: int       # feature dimension
     num_heads: int       # 0 for ResNet
