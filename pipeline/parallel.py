@@ -24,6 +24,7 @@ import importlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -61,8 +62,6 @@ def choose_cpu_workers(n_images: int, cores: int | None = None, *, min_images_pe
 def fork_available() -> bool:
     """Whether workers may be forked: Linux only (macOS's system libraries are not fork-safe; Windows has
     no fork), and never from a process that has initialised CUDA (a forked child cannot use it)."""
-    import sys
-
     if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
         return False
     torch = sys.modules.get("torch")
@@ -88,7 +87,15 @@ def _worker_entry(target, shard: int, num_shards: int, kwargs: dict, q, threads:
 
         torch.set_num_threads(int(threads))
         fn = resolve_target(target)
-        result = fn(shard, num_shards, lambda obj: q.put(("msg", shard, obj)), **kwargs)
+        parent = os.getppid()
+
+        def emit(obj) -> None:
+            if os.getppid() != parent:  # the parent was killed: nobody journals this work any more
+                print(f"worker {shard}: parent process {parent} is gone; stopping", file=sys.stderr, flush=True)
+                os._exit(3)  # at once: a normal exit would wait for the queue's feeder, which nobody reads
+            q.put(("msg", shard, obj))
+
+        result = fn(shard, num_shards, emit, **kwargs)
         q.put(("done", shard, result))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         q.put(("error", shard, traceback.format_exc()))
@@ -127,7 +134,7 @@ def run_parallel(target: str | Callable, num_procs: int, *, kwargs: dict | None 
     threads safe (PyTorch's DataLoader workers rely on the same). Returns the targets' return values
     by shard. If a worker raises or
     dies, the others are stopped and :class:`WorkerError` is raised (finished shard journals stay;
-    a rerun resumes them).
+    a rerun resumes them). If the parent itself is killed, each worker stops at its next ``emit``.
     """
     num_procs = int(num_procs)
     if num_procs < 1:

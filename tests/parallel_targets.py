@@ -11,3 +11,15 @@ def shard_target(shard, num_shards, emit, n):
 
 def failing_target(shard, num_shards, emit):
     raise RuntimeError(f"boom in shard {shard}")
+
+
+def orphan_target(shard, num_shards, emit, pid_file):
+    """Emits forever, one row every 50 ms, after writing its pid (the test kills the parent)."""
+    import os
+    import time
+
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        emit({"shard": shard})
+        time.sleep(0.05)

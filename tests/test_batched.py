@@ -1,6 +1,8 @@
 """Fast mining pieces: batched features (exact path bit-identical), batched LOST, precision guard, processes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from pipeline.discovery.batched import lost_batch
 from pipeline.parallel import WorkerError, choose_cpu_workers, run_parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +176,45 @@ def test_run_parallel_shards_like_journals():
         run_parallel("parallel_targets:failing_target", 1, start_method="fork")
     with pytest.raises(ValueError, match="module:function"):
         run_parallel("no_colon", 1)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_workers_stop_when_the_parent_is_killed(tmp_path, start_method):
+    """A SIGKILLed parent leaves no worker computing for nobody: the next row it sends ends it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.parallel import fork_available
+
+    if start_method == "fork" and not fork_available():
+        pytest.skip("no fork on this platform")
+    pid_file = tmp_path / "worker.pid"
+    code = ("import sys; sys.path.insert(0, 'tests'); from pipeline.parallel import run_parallel; "
+            f"run_parallel('parallel_targets:orphan_target', 1, start_method={start_method!r}, "
+            f"kwargs={{'pid_file': {str(pid_file)!r}}})")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)  # still there?
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{worker}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+                break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker went on after its parent was killed")
 
 
 def test_run_parallel_fork_shares_built_objects():
