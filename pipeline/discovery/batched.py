@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from pipeline.discovery.lost import LostResult, check_grid, finish_lost
+from pipeline.discovery.lost import LostResult, check_grid, check_positive_int, finish_lost
 
 
 def lost_batch(feats: torch.Tensor, dims: tuple[int, int], patch_size: int,
@@ -31,8 +31,7 @@ def lost_batch(feats: torch.Tensor, dims: tuple[int, int], patch_size: int,
     if len(image_sizes) != b:
         raise ValueError(f"lost_batch: {b} feature maps but {len(image_sizes)} image sizes")
     grids = [check_grid(n, dims, patch_size, size, "lost_batch") for size in image_sizes]
-    if isinstance(k_patches, bool) or int(k_patches) != k_patches or int(k_patches) < 1:
-        raise ValueError(f"lost_batch: k_patches must be a positive integer, got {k_patches!r}")
+    check_positive_int("lost_batch", "k_patches", k_patches)
     if b == 0:
         return []
     F = feats.detach().to(torch.float32)

@@ -31,6 +31,12 @@ class LostResult:
     score: float
 
 
+def check_positive_int(what: str, key: str, value) -> None:
+    """Raise ValueError naming ``what`` and ``key`` unless ``value`` is an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise ValueError(f"{what}: {key} must be a positive integer, got {value!r}")
+
+
 def check_grid(n: int, dims, patch_size, image_size, what: str) -> tuple[int, int, int, int, int]:
     """Validate grid arguments; return ``(h, w, patch_size, H, W)`` as ints or raise ValueError."""
     try:
@@ -42,8 +48,7 @@ def check_grid(n: int, dims, patch_size, image_size, what: str) -> tuple[int, in
             f"{what}: dims {(h, w)} give {h * w} patches but the input has {n}; pass dims=(h, w) of the "
             "patch grid (rows first) matching the features with the CLS token dropped"
         )
-    if isinstance(patch_size, bool) or int(patch_size) != patch_size or int(patch_size) < 1:
-        raise ValueError(f"{what}: patch_size must be a positive integer, got {patch_size!r}")
+    check_positive_int(what, "patch_size", patch_size)
     try:
         H, W = (int(s) for s in image_size)
     except (TypeError, ValueError):
@@ -104,8 +109,7 @@ def lost(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size
     F = as_feats(feats, "lost")
     n = F.shape[0]
     h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "lost")
-    if isinstance(k_patches, bool) or int(k_patches) != k_patches or int(k_patches) < 1:
-        raise ValueError(f"lost: k_patches must be a positive integer, got {k_patches!r}")
+    check_positive_int("lost", "k_patches", k_patches)
 
     A = F @ F.T
     positive = A > 0

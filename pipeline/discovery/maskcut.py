@@ -64,7 +64,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.discovery.lost import as_feats, check_grid, grid_mask_box
+from pipeline.discovery.lost import as_feats, check_grid, check_positive_int, grid_mask_box
 from pipeline.discovery.tokencut import (CutResult, binary_graph, check_graph_params,
                                          fallback_result, orient, seed_component, solve_cut)
 
@@ -115,8 +115,7 @@ def maskcut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_s
     n = F.shape[0]
     h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "maskcut")
     tau, eps = check_graph_params(tau, eps, "maskcut")
-    if isinstance(num_objects, bool) or int(num_objects) != num_objects or int(num_objects) < 1:
-        raise ValueError(f"maskcut: num_objects must be a positive integer, got {num_objects!r}")
+    check_positive_int("maskcut", "num_objects", num_objects)
 
     painted = np.zeros((h, w), dtype=bool)  # union of the masks found so far
     keep = torch.ones(n, 1, dtype=torch.float32, device=F.device)

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from pipeline.discovery.dinoseg import dinoseg
-from pipeline.discovery.lost import lost
+from pipeline.discovery.lost import check_positive_int, lost
 from pipeline.discovery.maskcut import maskcut
 from pipeline.discovery.tokencut import tokencut
 
@@ -52,8 +52,7 @@ class Miner:
     input_size: int | None = None
 
     def __init__(self, patch_size: int, /, **params: Any) -> None:
-        if isinstance(patch_size, bool) or int(patch_size) != patch_size or int(patch_size) < 1:
-            raise ValueError(f"{self.name}: patch_size must be a positive integer, got {patch_size!r}")
+        check_positive_int(self.name, "patch_size", patch_size)
         allowed = self.parameters()
         unknown = sorted(set(params) - set(allowed))
         if unknown:
@@ -101,11 +100,6 @@ class Miner:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
 
 
-def _positive_int(miner: str, key: str, value) -> None:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{miner}: {key} must be a positive integer, got {value!r}")
-
-
 def boxes_of(result) -> list[MinedBox]:
     """The ranked boxes of any miner result: ``result.boxes``/``scores`` when it has several, else its
     ``box``/``score``."""
@@ -124,7 +118,7 @@ class LostMiner(Miner):
     fn = staticmethod(lost)
 
     def validate(self) -> None:
-        _positive_int("lost", "k_patches", self.params["k_patches"])
+        check_positive_int("lost", "k_patches", self.params["k_patches"])
 
     def mine_batch(self, outputs, image_sizes) -> list:
         """Same-size images share one device pass (:func:`pipeline.discovery.batched.lost_batch`: the same
@@ -179,7 +173,7 @@ class TokenCutMiner(Miner):
 
     def validate(self) -> None:
         _check_cut("tokencut", self.params)
-        _positive_int("tokencut", "max_boxes", self.params["max_boxes"])
+        check_positive_int("tokencut", "max_boxes", self.params["max_boxes"])
 
 
 class MaskCutMiner(Miner):
@@ -191,10 +185,10 @@ class MaskCutMiner(Miner):
 
     def validate(self) -> None:
         _check_cut("maskcut", self.params)
-        _positive_int("maskcut", "num_objects", self.params["num_objects"])
+        check_positive_int("maskcut", "num_objects", self.params["num_objects"])
         size = self.params["image_size"]
         if size is not None:
-            _positive_int("maskcut", "image_size", size)
+            check_positive_int("maskcut", "image_size", size)
             if int(size) < self.patch_size:
                 raise ValueError(f"maskcut: image_size={size} is smaller than one patch ({self.patch_size})")
 

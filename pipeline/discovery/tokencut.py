@@ -66,7 +66,7 @@ import scipy.linalg
 import scipy.ndimage
 import torch
 
-from pipeline.discovery.lost import as_feats, check_grid, grid_mask_box
+from pipeline.discovery.lost import as_feats, check_grid, check_positive_int, grid_mask_box
 
 # λ₃ - λ₂ at or below this counts as "no eigengap" (repeated λ₂, eigenvector not unique). The pencil
 # is scaled so its eigenvalues lie in [0, 2]; LAPACK's eigenvalue error is ~1e-16 * N here.
@@ -211,8 +211,7 @@ def tokencut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_
     n = F.shape[0]
     h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "tokencut")
     tau, eps = check_graph_params(tau, eps, "tokencut")
-    if isinstance(max_boxes, bool) or int(max_boxes) != max_boxes or int(max_boxes) < 1:
-        raise ValueError(f"tokencut: max_boxes must be a positive integer, got {max_boxes!r}")
+    check_positive_int("tokencut", "max_boxes", max_boxes)
 
     cut = solve_cut(binary_graph(F, tau, eps))
     if cut.v is None:
