@@ -154,8 +154,8 @@ class ClusterConf:
 
 
 @dataclass
-class TrainCagConf:
-    boxes: Optional[str] = None
+class TrainConf:
+    """What both detector-training stages take (their inputs differ: see the two below)."""
     image_root: Optional[str] = None
     min_box_size: float = 1.0
     resume: bool = False
@@ -163,13 +163,14 @@ class TrainCagConf:
 
 
 @dataclass
-class TrainCadConf:
+class TrainCagConf(TrainConf):
+    boxes: Optional[str] = None
+
+
+@dataclass
+class TrainCadConf(TrainConf):
     cluster_run: str = MISSING
     labels: Optional[str] = None
-    image_root: Optional[str] = None
-    min_box_size: float = 1.0
-    resume: bool = False
-    stop_after: Optional[int] = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ balanced (no block under half of ``row_block`` rows) because MKL's GEMM picks a 
 product of 1-3 rows; with balanced blocks the outputs are bit-identical to the one-block product
 (``tests/test_backbones.py`` sweeps token counts, batch sizes and thread counts). It keeps the
 ``(heads, rows, N)`` scores in cache and bounds their memory: a 1200 x 1200 photo at patch 8 has
-22,500 tokens, whose full score matrix alone would take 12 GiB for ViT-S.
+22,500 tokens, whose full score matrix alone would take about 11 GiB for ViT-S.
 
 Reading of this module against DINO's ``vision_transformer.py`` is by the architecture in the paper and
 that file's public behaviour; the code is this project's own.
