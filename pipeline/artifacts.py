@@ -227,3 +227,59 @@ def write_manifest(
         **(extra or {}),
     }
     return write_json(Path(stage_dir) / "manifest.json", manifest)
+
+
+# --------------------------------------------------------------------------- replacing finished results
+def replacement_dir(final: str | os.PathLike) -> Path:
+    """Where a forced rerun writes its results beside the finished ones in ``final`` (a hidden sibling)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.new"
+
+
+def _retired_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
+def recover_replacement(final: str | os.PathLike) -> None:
+    """Undo a swap killed between its two renames: the finished results, parked in the retired folder, go
+    back to ``final`` (or, when the new ones already took their place, the retired copy is removed)."""
+    import shutil
+
+    final = Path(final)
+    old = _retired_dir(final)
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
+def begin_replacement(final: str | os.PathLike, *, keep: bool) -> Path:
+    """Start writing new results for ``final`` in :func:`replacement_dir`, leaving ``final`` whole until
+    :func:`commit_replacement`: a forced rerun that fails or is killed loses nothing. ``keep``: continue what
+    an earlier, killed replacement wrote there (its journal or checkpoint decides whether it fits); else it
+    starts empty."""
+    import shutil
+
+    recover_replacement(final)
+    work = replacement_dir(final)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def commit_replacement(final: str | os.PathLike, work: str | os.PathLike) -> Path:
+    """Swap the complete new results in ``work`` into ``final``: ``final`` is parked, ``work`` renamed onto
+    it, the parked results removed. Each step is a rename, and :func:`recover_replacement` (called by every
+    :func:`begin_replacement`) repairs a swap killed half-way, so ``final`` is never left without results."""
+    import shutil
+
+    final, work = Path(final), Path(work)
+    old = _retired_dir(final)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_coco_boxes, read_json, write_json
+from pipeline.artifacts import (begin_replacement, commit_replacement, read_coco_boxes, read_json,
+                                recover_replacement, write_json)
 from pipeline.provenance import random_init
 from pipeline.rerun import input_hashes, plan_rerun
 from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
@@ -135,6 +136,7 @@ def run(cfg: DictConfig) -> dict:
     timer = Timer()
     c = cfg.cluster
     stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.dirs.cluster_features)
+    recover_replacement(stage_dir)
     in_path = _input_path(cfg)
     plan = plan_rerun(stage_dir, stage="cluster", artifact=_artifact(cfg, in_path), report=_report(cfg),
                       outputs=OUTPUTS, force=bool(cfg.force))
@@ -151,8 +153,9 @@ def run(cfg: DictConfig) -> dict:
         raise SystemExit(f"cluster.k={c.k} but {in_path} holds only {len(coco['annotations'])} boxes: lower cluster.k.")
     backbone = build_backbone_from_cfg(cfg, resolve_device(cfg.device))
     desc = backbone.describe()
-    if cfg.force:
-        shutil.rmtree(feat_dir, ignore_errors=True)
+    # FORCE writes beside the finished results and swaps them in when complete (a failed forced run loses
+    # nothing); the feature cache is keyed by what produced it, so it is reused, never stale.
+    out_dir = begin_replacement(stage_dir, keep=False) if cfg.force else stage_dir
     t0 = time.time()
     feats = extract_box_features(coco, root, backbone, batch_size=int(c.batch_size), cache_dir=feat_dir,
                                  progress=bool(cfg.progress), short_side=int(c.short_side),
@@ -177,8 +180,8 @@ def run(cfg: DictConfig) -> dict:
     labels_coco = make_pseudo_labels(coco, feats.index, result, extra_info={"image_root": str(root),
                                                                             "clustering": clustering,
                                                                             "features_key": feats.key})
-    write_json(stage_dir / "pseudo_labels.json", labels_coco)
-    galleries(coco, root, feats.index, result.labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
+    write_json(out_dir / "pseudo_labels.json", labels_coco)
+    galleries(coco, root, feats.index, result.labels, out_dir / "galleries", int(cfg.viz.gallery_size),
               int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if is_random else "")
     metrics = {"k": int(c.k), "boxes": len(feats.index), "skipped": len(feats.skipped),
                "skipped_boxes": feats.skipped[:100], "inertia": result.inertia,
@@ -187,8 +190,10 @@ def run(cfg: DictConfig) -> dict:
                "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
                "kmeans_seconds": round(t_km, 3), "random_init": is_random, "source": str(c.source)}
     metrics["cluster_quality"] = _cluster_quality(cfg, labels_coco)
-    write_json(stage_dir / "metrics.json", metrics)
-    _write_manifest(cfg, stage_dir, timer, in_path, desc, feats.key)
+    write_json(out_dir / "metrics.json", metrics)
+    _write_manifest(cfg, out_dir, timer, in_path, desc, feats.key)
+    if out_dir != stage_dir:
+        commit_replacement(stage_dir, out_dir)
     _print_summary(stage_dir, feat_dir, metrics)
     return metrics
 

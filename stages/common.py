@@ -130,6 +130,11 @@ class Timer:
         return time.time() - self.start
 
 
+class StageError(Exception):
+    """What a stage says when it cannot go on: one ``error:`` line (naming the config key, file or stage and
+    the fix) and exit code 2. Raised by the stages; :func:`run_guarded` prints it."""
+
+
 def run_guarded(fn, cfg: DictConfig) -> Any:
     """Turn the library's clear errors into a one-line message and exit code 2 (no deep traceback)."""
     from pipeline.artifacts import ArtifactError
@@ -138,7 +143,8 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     from pipeline.parallel import WorkerError
     from pipeline.weights import WeightsError
 
-    expected = (ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DatasetError, WorkerError)
+    expected = (StageError, ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DatasetError,
+                WorkerError)
     try:
         return fn(cfg)
     except expected as e:

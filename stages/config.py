@@ -1,7 +1,9 @@
 """The config schema: dataclasses registered in Hydra's ConfigStore, one per config group entry and one for
 the shared top level (``conf/pipeline.yaml``), so that every key is typed and a misspelled key is an error.
 
-The YAML files under ``conf/`` hold the values; each starts from its schema here (``defaults: [<name>_schema]``).
+The YAML files under ``conf/`` hold the values; each starts from its schema here (``defaults:
+[/schema/<group>@_here_]``). The schemas live in their own ``schema`` group, so they are never offered as a
+choice (``dataset=...`` lists datasets, not schemas).
 ``stage_main`` is the entry point every stage uses instead of ``hydra.main``: before Hydra composes the
 config it checks the command-line keys and answers a misspelled one with a single ``error:`` line that
 names the nearest valid key (Hydra alone would say "Key 'k_patch' is not in struct").
@@ -258,15 +260,18 @@ def eval_dir_of(detections: str | None, default: str) -> str:
     return str(p.parent / f"eval_{p.stem}")
 
 
+_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": BackboneConf, "detector": DetectorConf,
+                  "schedule": ScheduleConf}
+
+
 def register() -> None:
     """Put the schemas into Hydra's ConfigStore and the ``mine_dir`` resolver into OmegaConf (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConf)
-    for group, node in (("paths", PathsConf), ("dataset", DatasetConf), ("backbone", BackboneConf),
-                        ("detector", DetectorConf), ("schedule", ScheduleConf)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    for group, node in _GROUP_SCHEMAS.items():
+        cs.store(group="schema", name=group, node=node)
     for name, node in MINER_SCHEMAS.items():
-        cs.store(group="miner", name=f"{name}_schema", node=node)
+        cs.store(group="schema", name=f"miner_{name}", node=node)
     for name, fn in (("mine_dir", mine_dir), ("eval_dir_of", eval_dir_of)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -310,10 +315,6 @@ def nearest_key(cfg: DictConfig, dotted: str) -> str | None:
     keys = [str(k) for k in node.keys()]
     match = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.5)
     return f"{parent + '.' if parent else ''}{match[0]}" if match else None
-
-
-_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": BackboneConf, "detector": DetectorConf,
-                  "schedule": ScheduleConf}
 
 
 def schema_has(key: str, groups: list[str]) -> bool:
@@ -381,16 +382,55 @@ def launcher_errors(args: list[str]) -> list[str]:
     return []
 
 
+def choice_errors(args: list[str]) -> list[str]:
+    """A group choice with no file behind it (``dataset=voc99``, a schema name) as one line listing the choices,
+    instead of Hydra's search-path dump."""
+    out = []
+    for choice in _plain_overrides(args)[0]:
+        group, _, value = choice.lstrip("+").partition("=")
+        folder = CONF_DIR / group
+        if folder.is_dir() and not (folder / f"{value}.yaml").is_file():
+            options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            out.append(f"{group}={value}: no such {group}; choose one of {options} (the files in conf/{group}/)")
+    return out
+
+
+def multirun_errors(args: list[str]) -> list[str]:
+    """A launcher (``hydra/launcher=slurm``, ``local``...) acts only on a multirun: without ``-m`` Hydra runs the
+    job here, silently. Refuse that instead."""
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith(("hydra/launcher=", "+hydra/launcher="))), None)
+    if launcher and not any(a in ("-m", "--multirun") for a in args):
+        return [f"hydra/launcher={launcher} takes effect only with -m (--multirun): without it the job would run "
+                "here, on this machine. Add -m (make ... ARGS=\"-m hydra/launcher=...\")"]
+    return []
+
+
 def stage_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
     """``@stage_main("mine")`` = ``@hydra.main(config_path="../conf", config_name="mine")`` plus the check of
-    command-line keys (a misspelled key is one ``error:`` line naming the nearest valid key, exit 2)."""
+    command-line keys (a misspelled key is one ``error:`` line naming the nearest valid key, exit 2) and, once
+    Hydra has composed the config, of every value the stage uses (:func:`stages.checks.config_errors`)."""
+    import functools
+
     import hydra
 
     def wrap(fn: Callable[[DictConfig], Any]) -> Callable[[], None]:
-        hydra_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(fn)
+        @functools.wraps(fn)
+        def checked(cfg: DictConfig) -> Any:
+            from stages.checks import config_errors
+
+            errors = config_errors(cfg, config_name)
+            if errors:
+                for e in errors:
+                    print(f"error: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(2)
+            return fn(cfg)
+
+        hydra_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(checked)
 
         def main() -> None:
-            errors = unknown_keys(config_name, sys.argv[1:]) + launcher_errors(sys.argv[1:])
+            args = sys.argv[1:]
+            errors = choice_errors(args) or unknown_keys(config_name, args)
+            errors += multirun_errors(args) + launcher_errors(args)
             if errors:
                 for e in errors:
                     print(f"error: {e}", file=sys.stderr)

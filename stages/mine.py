@@ -19,8 +19,10 @@ import numpy as np
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_json, remove_stale_temps, write_json
+from pipeline.artifacts import (begin_replacement, commit_replacement, read_json, recover_replacement,
+                                remove_stale_temps, replacement_dir, write_json)
 from pipeline.data.paths import records_root
+from pipeline.journal import JournalMismatch
 from pipeline.mining import MiningRun, all_boxes, first_boxes, mine_images, shard_indices
 from pipeline.provenance import random_init
 from pipeline.rerun import Rerun, plan_rerun
@@ -130,7 +132,7 @@ def _procs(cfg: DictConfig, device: str, n_todo: int) -> int:
     return choose_cpu_workers(n_todo) if fork_available() or available_cores() >= 4 else 1
 
 
-def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]) -> int:
+def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int], work_dir: str) -> int:
     """A spawned CPU worker (one thread; platforms without ``fork``): builds dataset, backbone, miner and
     pictures from the resolved config, as the stage does, then mines its share (:func:`_mine_share`)."""
     from omegaconf import OmegaConf
@@ -141,7 +143,7 @@ def mine_worker(shard: int, num_shards: int, emit, cfg: dict, indices: list[int]
     dataset = build_dataset_from_cfg(cfg, quiet=True)
     backbone = build_backbone_from_cfg(cfg, "cpu", quiet=True)
     miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
-    pictures = Pictures(cfg, Path(cfg.stage_dir), backbone, random_init(backbone=backbone.describe()))
+    pictures = Pictures(cfg, Path(work_dir), backbone, random_init(backbone=backbone.describe()))
     return _mine_share(shard, num_shards, emit, dataset=dataset, backbone=backbone, miner=miner,
                        pictures=pictures, indices=indices, feature=str(cfg.backbone.feature),
                        max_side=cfg.dataset.max_side)
@@ -192,8 +194,8 @@ def _mine_in_processes(cfg: DictConfig, run: MiningRun, dataset, todo: list[int]
                              "indices": list(todo), "feature": str(cfg.backbone.feature),
                              "max_side": cfg.dataset.max_side})
     else:
-        run_parallel("stages.mine:mine_worker", procs, kwargs={"cfg": to_container(cfg), "indices": list(todo)},
-                     on_message=on_row)
+        run_parallel("stages.mine:mine_worker", procs, on_message=on_row,
+                     kwargs={"cfg": to_container(cfg), "indices": list(todo), "work_dir": str(run.stage_dir)})
     bar.close()
     stats.seconds = time.time() - start
     return stats
@@ -201,7 +203,8 @@ def _mine_in_processes(cfg: DictConfig, run: MiningRun, dataset, todo: list[int]
 
 def finalize(cfg: DictConfig, run: MiningRun, dataset, rows: list[dict], timer: Timer, run_stats: dict,
              made: list[str]) -> dict:
-    """Every image has a row: write pseudo_boxes.json, metrics.json and the manifest."""
+    """Every image has a row: write pseudo_boxes.json, metrics.json and the manifest; a forced run, written
+    beside the finished results (``run.stage_dir`` is then the replacement folder), swaps them in only now."""
     from pipeline.evaluation.corloc import corloc
     from pipeline.evaluation.multi import multi_box_scores
 
@@ -220,7 +223,10 @@ def finalize(cfg: DictConfig, run: MiningRun, dataset, rows: list[dict], timer: 
             metrics["multi_box"] = multi_box_scores(all_boxes(rows), dataset.records).as_dict()
     write_json(stage_dir / "metrics.json", metrics)
     _write_manifest(cfg, stage_dir, timer, info, len(rows), dataset)
-    _print_summary(stage_dir, metrics, ["pseudo_boxes.json", "metrics.json", "manifest.json", *made])
+    final = Path(cfg.stage_dir)
+    if stage_dir != final:
+        commit_replacement(final, stage_dir)
+    _print_summary(final, metrics, ["pseudo_boxes.json", "metrics.json", "manifest.json", *made])
     return metrics
 
 
@@ -260,7 +266,9 @@ def _print_summary(stage_dir: Path, metrics: dict, made: list[str] | None) -> No
 
 
 def _merge_only(cfg: DictConfig, dataset, timer: Timer) -> dict:
-    run = MiningRun.from_results(Path(cfg.stage_dir), int(cfg.mine.num_shards))
+    """Merge finished shards (``make merge``); with ``force`` those of a forced run, in its replacement folder."""
+    src = replacement_dir(cfg.stage_dir) if cfg.force else Path(cfg.stage_dir)
+    run = MiningRun.from_results(src, int(cfg.mine.num_shards))
     rows = run.collect(dataset.records)
     if rows is None:
         raise SystemExit(f"not every shard of {run.results_dir} is complete yet; run the missing shards "
@@ -273,6 +281,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     timer = Timer()
     stage_dir = Path(cfg.stage_dir)
+    recover_replacement(stage_dir)
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
@@ -287,14 +296,18 @@ def run(cfg: DictConfig) -> dict | None:
     device = resolve_device(cfg.device)
     backbone = build_backbone_from_cfg(cfg, device)
     info = _info(cfg, backbone.describe(), records_root(dataset.records))
-    run = MiningRun(stage_dir, info, shard=int(cfg.mine.shard), num_shards=int(cfg.mine.num_shards))
-    if cfg.force:
-        run.discard()
-        for name in (*OUTPUTS, "manifest.json"):
-            (stage_dir / name).unlink(missing_ok=True)
-    todo = run.pending(dataset.records)
     miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
-    pictures = Pictures(cfg, stage_dir, backbone, info["random_init"])
+    # FORCE mines beside the finished results and swaps them in when complete (finalize): a forced run that
+    # fails or is killed leaves them whole, and the same command continues what it had mined.
+    work = begin_replacement(stage_dir, keep=True) if cfg.force else stage_dir
+    run = MiningRun(work, info, shard=int(cfg.mine.shard), num_shards=int(cfg.mine.num_shards))
+    if cfg.force:
+        try:
+            run.journal  # noqa: B018 - what a killed forced run of this configuration mined is continued
+        except JournalMismatch:
+            run.discard()
+    todo = run.pending(dataset.records)
+    pictures = Pictures(cfg, work, backbone, info["random_init"])
 
     if plan.action != "run" and not todo:
         if plan.action == "skip":
@@ -309,15 +322,13 @@ def run(cfg: DictConfig) -> dict | None:
                     num_workers=0, device=device, progress=False, max_side=cfg.dataset.max_side, on_result=pictures)
         made = pictures.write_sheet()
         _write_manifest(cfg, stage_dir, timer, info, len(dataset), dataset)
-        _print_summary(stage_dir, metrics, ["manifest.json", *made])
+        _print_summary(stage_dir, {**metrics, "computed_this_run": 0}, ["manifest.json", *made])  # nothing mined now
         return metrics
 
     run.journal  # noqa: B018 - opening it checks that earlier results came from this configuration
     if run.num_shards == 1:  # a killed run may have left half-written temp files (shards may be writing theirs)
-        for d in (stage_dir, pictures.dir):
+        for d in (work, pictures.dir):
             remove_stale_temps(d)
-        if cfg.force:  # a grown run keeps the pictures it has (they are of the first images)
-            pictures.clear()
     procs = _procs(cfg, device, len(todo))
     if procs > 1:
         stats = _mine_in_processes(cfg, run, dataset, todo, procs, backbone=backbone, miner=miner,
@@ -339,6 +350,8 @@ def run(cfg: DictConfig) -> dict | None:
               f"shards; `make merge` merges them when all are done.", flush=True)
         return None
     if not cfg.mine.merge:
+        print(f"shard {run.shard}/{run.num_shards} done: every shard of {run.results_dir} is complete; mine.merge=false, "
+              f"so `make merge{' FORCE=1' if cfg.force else ''}` writes pseudo_boxes.json.", flush=True)
         return None
     return finalize(cfg, run, dataset, rows, timer, run_stats, pictures.write_sheet())
 

@@ -26,20 +26,19 @@ NPROC=N): every process trains its share of the global batch (DDP); only rank 0 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import ArtifactError, read_coco_boxes, read_json, write_json
+from pipeline.artifacts import (ArtifactError, begin_replacement, commit_replacement, read_coco_boxes, read_json,
+                                recover_replacement, replacement_dir, write_json)
 from pipeline.rerun import diff_values, format_changes, plan_rerun
 from stages.common import (Timer, build_dataset_from_cfg, coco_image_root, dataset_identity,
                            export_submitit_distributed_env, resolve_device, to_container, warn_random)
 from stages.detector_common import detect_score_draw, format_eval
 
-STAGE_FILES = ("model.pt", "metrics.jsonl", "metrics.json", "detections.json", "manifest.json")
 # what decides only the report made from a trained model (not its weights)
 REPORT_KEYS = ("eval", "viz", "progress", "num_workers", "device")
 
@@ -176,6 +175,8 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     export_submitit_distributed_env()
     rank, world = init_distributed()
     sec, stage_dir = cfg[section], Path(cfg.stage_dir)
+    if rank == 0:
+        recover_replacement(stage_dir)
     try:
         sch = Schedule.from_dict(to_container(cfg.schedule))
     except (TypeError, ValueError) as e:
@@ -189,14 +190,24 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
             print(f"{stage}: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "
                   "redoes it.", flush=True)
         return read_json(stage_dir / "metrics.json") if rank == 0 else None
+    # FORCE trains beside the finished results and swaps them in when complete: a forced run that fails or
+    # is killed leaves them whole (with resume=true the same command continues its checkpoint).
+    out_dir = replacement_dir(stage_dir) if cfg.force else stage_dir
     if cfg.force and rank == 0:
-        for name in STAGE_FILES:
-            (stage_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(stage_dir / "viz", ignore_errors=True)
+        begin_replacement(stage_dir, keep=bool(sec.resume))
     if world > 1:
         dist.barrier()
-    ckpt_path = stage_dir / "model.pt"
-    mode = decide(ckpt_path, artifact, resume=bool(sec.resume), section=section)
+    ckpt_path = out_dir / "model.pt"
+    try:
+        mode = decide(ckpt_path, artifact, resume=bool(sec.resume), section=section)
+    except ArtifactError:
+        if not cfg.force:
+            raise
+        if rank == 0:  # a killed forced run of another configuration: FORCE starts over beside the results
+            begin_replacement(stage_dir, keep=False)
+        if world > 1:
+            dist.barrier()
+        mode = "train"
     root = coco_image_root(cfg, coco, override=sec.get("image_root"), fallback=in_path.parent)
     try:
         dataset = DetectionDataset(in_path, root, class_agnostic=class_agnostic,
@@ -224,7 +235,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
               "(model.pt and metrics.jsonl are kept)", flush=True)
         model, spec, meta = load_detector(ckpt_path)
         iteration = meta["iteration"]
-        trained = _previous_training(stage_dir, iteration)
+        trained = _previous_training(out_dir, iteration)
     else:
         build = detector_build_kwargs(cfg, dataset.num_classes)
         spec = DetectorSpec.from_build_kwargs(build, category_ids=dataset.category_ids,
@@ -236,14 +247,15 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
                       "boxes_random_init": coco_random_init(coco)}
         ckpt = Checkpointer(ckpt_path, spec=spec, schedule=sch.to_dict(), artifact_config=artifact,
                             provenance=provenance)
-        res = train(model, dataset, sch, out_dir=stage_dir, seed=int(cfg.seed), resume=mode == "resume",
+        res = train(model, dataset, sch, out_dir=out_dir, seed=int(cfg.seed), resume=mode == "resume",
                     num_workers=int(cfg.num_workers), device=device, progress=bool(cfg.progress),
                     stop_after=sec.get("stop_after"), checkpointer=ckpt)
         if rank != 0:
             return None
         if res.stopped_early:
+            again = f"FORCE=1 with {section}.resume=true" if cfg.force else f"{section}.resume=true"
             print(f"{stage}: stopped after iteration {res.iteration} of {sch.iterations} ({section}.stop_after); "
-                  f"{section}.resume=true continues from {ckpt_path}", flush=True)
+                  f"{again} continues from {ckpt_path}", flush=True)
             return None
         iteration = res.iteration
         trained = {"start_iteration": res.start_iteration, "resumed": res.start_iteration > 0,
@@ -257,18 +269,20 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
                "detector_random_init": spec.random_init, "boxes_random_init": boxes_random}
     metrics["random_init"] = random_init(spec=spec, coco=coco)
     if cfg.eval.enabled:
-        ev = detect_score_draw(model, eval_records, stage_dir, category_ids=spec.category_ids,
+        ev = detect_score_draw(model, eval_records, out_dir, category_ids=spec.category_ids,
                                mode=ap_mode(cfg.dataset.kind), voc_difficult=str(cfg.eval.voc_difficult),
                                device=device, batch_size=int(cfg.eval.batch_size), progress=bool(cfg.progress),
                                viz_images=int(cfg.viz.num_images), viz_min_score=float(cfg.viz.min_score),
                                random_init=metrics["random_init"])
         metrics["eval"] = {**ev, "images_missing": eval_missing}
-    write_json(stage_dir / "metrics.json", metrics)
-    write_manifest(stage_dir, stage=stage, config=to_container(cfg), inputs={section_input(section): in_path},
+    write_json(out_dir / "metrics.json", metrics)
+    write_manifest(out_dir, stage=stage, config=to_container(cfg), inputs={section_input(section): in_path},
                    weights_sha256=spec.weights_sha256, start_time=timer.start, end_time=time.time(),
                    extra={"artifact": artifact, "report": report, "iteration": iteration,
                           "random_init": metrics["random_init"], "model_reused": mode == "report",
                           "annotations_digest": annotations_digest(eval_records) if eval_records else None})
+    if out_dir != stage_dir:
+        commit_replacement(stage_dir, out_dir)
     print_summary(stage, stage_dir, metrics)
     return metrics
 

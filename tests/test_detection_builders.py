@@ -132,7 +132,7 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match=r"cannot read weights file .*junk\.pth"):
         build_detector("r50_fpn", 1, init="dino", weights=str(tmp_path / "junk.pth"))
-    with pytest.raises(ValueError, match="mobilenet_fpn supports only detector.init=random"):
+    with pytest.raises(ValueError, match="init dino is not available for preset mobilenet_fpn"):
         build_detector("mobilenet_fpn", 1, init="dino", weights="x.pth")
     with pytest.raises(ValueError, match="unknown detector preset 'r101'"):
         build_detector("r101", 1)

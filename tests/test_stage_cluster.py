@@ -68,7 +68,11 @@ def test_cluster_writes_pseudo_labels_galleries_and_reuses_features(mined, capsy
     again = _cluster(out, "cluster.k=2")
     assert again["sizes"] == m2["sizes"] and again["inertia"] == pytest.approx(m2["inertia"])
     assert again["features_from_cache"] and (stage / "pseudo_labels.json").read_bytes() == first
-    assert not _cluster(out, "cluster.k=2", "force=true")["features_from_cache"]
+    # FORCE redoes the clustering beside the finished run and swaps it in; the feature cache, keyed by the
+    # boxes, backbone and crop settings and checked by its sha256, is reused
+    forced = _cluster(out, "cluster.k=2", "force=true")
+    assert forced["features_from_cache"] and (stage / "pseudo_labels.json").read_bytes() == first
+    assert not (stage.parent / ".k2.new").exists() and not (stage.parent / ".k2.old").exists()
 
 
 def test_missing_input_and_too_large_k_are_clear(tmp_path, mined, capsys):

@@ -180,6 +180,26 @@ def test_an_artifact_change_over_a_finished_model_is_refused_until_forced(traine
     assert torch.load(stage / "model.pt", map_location="cpu", weights_only=False)["artifact_config"]["schedule"]["lr"] == 0.01
 
 
+def test_a_forced_retraining_replaces_the_model_only_when_it_is_complete(trained, tmp_path, capsys):
+    """FORCE trains beside the finished cag/: a bad value, or a run that stops half-way, leaves it whole;
+    FORCE=1 with resume=true continues the stopped one, and only its end swaps the new results in."""
+    from pipeline.artifacts import replacement_dir
+
+    stage, data = _copy_stage(trained, tmp_path)
+    before = {p.name: sha256_file(p) for p in stage.iterdir() if p.is_file()}
+    p = run_cli("stages.train_cag", [*data, *DET, "force=true", "schedule.lr=-1"], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: schedule.lr=-1.0: lr must be a positive number, got -1.0"], p.stderr
+    assert {p.name: sha256_file(p) for p in stage.iterdir() if p.is_file()} == before
+    assert _train_cag(data, "schedule.lr=0.01", "force=true", "train_cag.stop_after=2")[1] is None
+    assert "FORCE=1 with train_cag.resume=true continues" in capsys.readouterr().out
+    assert {p.name: sha256_file(p) for p in stage.iterdir() if p.is_file()} == before
+    _, m = _train_cag(data, "schedule.lr=0.01", "force=true", "train_cag.resume=true")
+    assert m["resumed"] and m["start_iteration"] == 2 and not replacement_dir(stage).exists()
+    ck = torch.load(stage / "model.pt", map_location="cpu", weights_only=False)
+    assert ck["iteration"] == 4 and ck["artifact_config"]["schedule"]["lr"] == 0.01
+
+
 def test_stop_and_resume_continues_exactly(trained, tmp_path):
     """Stopped after 2 iterations, resumed: the same model as the uninterrupted fixture run."""
     boxes = trained["base"] / "mine" / "pseudo_boxes.json"

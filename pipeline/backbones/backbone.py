@@ -106,7 +106,7 @@ class Backbone:
     def features(self, img: Tensor, which: str = "k", with_cls_attn: bool = False) -> FeatureOutput:
         """Last-block keys/queries/values (heads concatenated) or output tokens, CLS dropped."""
         if which not in FEATURES:
-            raise ValueError(f"unknown feature {which!r}; choose one of {FEATURES} (backbone.feature=...)")
+            raise ValueError(f"unknown feature {which!r}; choose one of {FEATURES}")
         img, dims = self._check(img)
         with forward_context(self.precision, self.device):
             if self.spec.family == "resnet":
@@ -167,7 +167,7 @@ class Backbone:
         outputs is reported, not guaranteed bit-wise: the GPU's GEMM kernels also depend on shape).
         """
         if which not in FEATURES:
-            raise ValueError(f"unknown feature {which!r}; choose one of {FEATURES} (backbone.feature=...)")
+            raise ValueError(f"unknown feature {which!r}; choose one of {FEATURES}")
         if int(max_batch) < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         for i, img in enumerate(images):

@@ -67,16 +67,42 @@ class _Transform(GeneralizedRCNNTransform):
             self.min_size = saved
 
 
-def _check(preset: str, num_classes: int, init: str, weights) -> None:
+def check_settings(preset: str, *, init: str = "random", min_size: int | Sequence[int] = 800, max_size: int = 1333,
+                   test_min_size: int | None = None, batch_size_per_image: int = 512,
+                   rpn_batch_size_per_image: int = 256, rpn_topk: Sequence[int] | None = None, nms: float = 0.4,
+                   score_thresh: float = 0.01, detections_per_img: int = 100, norm: str = "bn",
+                   **_files_and_seed) -> None:
+    """The values :func:`build_detector` takes, checked without building anything (a ValueError naming the
+    first parameter out of range), so a bad setting is refused before a stage touches its results."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown detector preset {preset!r}; choose one of {', '.join(PRESETS)} (detector=...)")
+        raise ValueError(f"unknown detector preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown detector init {init!r}; choose one of {', '.join(INITS)}")
+    if init != "random" and preset == "mobilenet_fpn":
+        raise ValueError(f"init {init} is not available for preset mobilenet_fpn, which supports only init random "
+                         "(no such MobileNet checkpoint); use preset r50_c4 or r50_fpn for pretrained weights")
+    sizes = list(min_size) if isinstance(min_size, Sequence) else [min_size]
+    positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    unit = lambda v: isinstance(v, (int, float)) and 0 <= v <= 1  # noqa: E731
+    rules = [("min_size", bool(sizes) and all(positive(v) for v in sizes), "one or more sizes >= 1 (px)"),
+             ("max_size", positive(max_size), ">= 1 (px)"),
+             ("test_min_size", test_min_size is None or positive(test_min_size), ">= 1 (px) or None"),
+             ("batch_size_per_image", positive(batch_size_per_image), ">= 1"),
+             ("rpn_batch_size_per_image", positive(rpn_batch_size_per_image), ">= 1"),
+             ("rpn_topk", rpn_topk is None or (len(rpn_topk) == 4 and all(positive(v) for v in rpn_topk)),
+              "None or 4 counts >= 1 (pre/post-NMS train, pre/post-NMS test)"),
+             ("nms", unit(nms), "an IoU in [0, 1]"), ("score_thresh", unit(score_thresh), "in [0, 1]"),
+             ("detections_per_img", positive(detections_per_img), ">= 1"),
+             ("norm", norm in ("bn", "frozen_bn"), "'bn' or 'frozen_bn'")]
+    for name, ok, what in rules:
+        if not ok:
+            raise ValueError(f"detector {preset}: {name} must be {what}, got {locals()[name]!r}")
+
+
+def _check(preset: str, num_classes: int, init: str, weights) -> None:
+    check_settings(preset, init=init)
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1 foreground classes (1 = class-agnostic), got {num_classes}")
-    if init not in INITS:
-        raise ValueError(f"unknown detector init {init!r}; choose one of {', '.join(INITS)} (detector.init=...)")
-    if init != "random" and preset == "mobilenet_fpn":
-        raise ValueError(f"detector=mobilenet_fpn supports only detector.init=random (no {init} MobileNet "
-                         "checkpoint is supported); use detector=r50_c4 or r50_fpn for pretrained weights")
     if init != "random" and not weights:
         raise WeightsError(f"detector.init={init} needs a torchvision-format ResNet-50 file: download "
                            f"{INIT_URLS[init]} and pass detector.weights=/path/to/{INIT_URLS[init].rsplit('/', 1)[-1]}"

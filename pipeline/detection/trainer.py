@@ -150,10 +150,27 @@ class Schedule:
         self.checkpoint_period, self.log_period = int(self.checkpoint_period), int(self.log_period)
         self.amp, self.name = bool(self.amp), str(self.name)
         self.clip_grad = None if self.clip_grad is None else float(self.clip_grad)
-        if self.iterations < 0 or self.batch_size < 1 or self.checkpoint_period < 1 or self.log_period < 1:
-            raise ValueError(f"schedule {self.name}: iterations >= 0, batch_size, checkpoint_period and log_period "
-                             f">= 1 expected, got {self.iterations}, {self.batch_size}, {self.checkpoint_period}, "
-                             f"{self.log_period}")
+        self.check()
+
+    def check(self) -> None:
+        """Every field in its range (a ValueError naming the first that is not), before any training starts."""
+        finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+        rules = [("iterations", self.iterations >= 0, ">= 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                 ("lr", finite(self.lr) and self.lr > 0, "a positive number"),
+                 ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                 ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, ">= 0"),
+                 ("warmup_iters", self.warmup_iters >= 0, ">= 0"),
+                 ("warmup_factor", 0 < self.warmup_factor <= 1, "in (0, 1]"),
+                 ("steps", all(s >= 0 for s in self.steps) and list(self.steps) == sorted(self.steps),
+                  "increasing iteration numbers >= 0"),
+                 ("gamma", finite(self.gamma) and self.gamma > 0, "a positive number"),
+                 ("checkpoint_period", self.checkpoint_period >= 1, ">= 1"),
+                 ("log_period", self.log_period >= 1, ">= 1"),
+                 ("clip_grad", self.clip_grad is None or (finite(self.clip_grad) and self.clip_grad > 0),
+                  "a positive number or None")]
+        for name, ok, what in rules:
+            if not ok:
+                raise ValueError(f"schedule {self.name}: {name} must be {what}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":

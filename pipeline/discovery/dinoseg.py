@@ -69,9 +69,9 @@ def dinoseg(cls_attn: torch.Tensor, dims: tuple[int, int], patch_size: int, imag
     h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "dinoseg")
     if isinstance(head, bool) or int(head) != head or not 0 <= int(head) < nh:
         raise ValueError(f"dinoseg: head must be an integer in [0, {nh - 1}] (the attention has {nh} heads), "
-                         f"got {head!r}; set miner.head")
+                         f"got {head!r}")
     if not 0 < float(mass) <= 1:
-        raise ValueError(f"dinoseg: mass must be in (0, 1], got {mass!r}; set miner.mass")
+        raise ValueError(f"dinoseg: mass must be in (0, 1], got {mass!r}")
     a = attn[int(head)].detach().to(torch.float32)
     if not bool(torch.isfinite(a).all()):
         raise ValueError("dinoseg: cls_attn contains NaN or inf; check the backbone weights and the input")

@@ -75,6 +75,10 @@ class Miner:
     def validate(self) -> None:
         """Check the parameters once (raise ValueError naming the parameter)."""
 
+    def check_backbone(self, num_heads: int) -> None:
+        """Check the parameters against the backbone before any image is read (raise ValueError naming the
+        parameter); ``num_heads``: attention heads of its last block (0 for a CNN)."""
+
     def __call__(self, output, image_size, index: int = 0):
         """Mine image ``index`` of a backbone :class:`~pipeline.backbones.FeatureOutput`."""
         if self.input == "cls_attn":
@@ -156,6 +160,13 @@ class DinoSegMiner(Miner):
             raise ValueError(f"dinoseg: head must be a head index >= 0, got {head!r}")
         if not 0 < float(self.params["mass"]) <= 1:
             raise ValueError(f"dinoseg: mass must be in (0, 1], got {self.params['mass']!r}")
+
+    def check_backbone(self, num_heads: int) -> None:
+        if num_heads == 0:
+            raise ValueError("dinoseg: needs the CLS attention of a ViT; this backbone has no attention heads")
+        if self.params["head"] >= num_heads:
+            raise ValueError(f"dinoseg: head must be an integer in [0, {num_heads - 1}] (the backbone has "
+                             f"{num_heads} heads), got {self.params['head']!r}")
 
 
 def _check_cut(miner: str, params: dict) -> None:
