@@ -358,26 +358,24 @@ class _Builder:
 
 
 def _draw(path: Path, box, gt_boxes, title: str):
-    """The image with the predicted box (red) and GT boxes (green), shrunk to 512 px; None if unreadable."""
-    from PIL import Image, ImageDraw
+    """The image with the predicted box (red) and GT boxes (green), shrunk to 512 px, then its title and a
+    legend line (drawn after shrinking, so they stay legible); None if unreadable. Any box and image size
+    (see :mod:`pipeline.viz.boxes`)."""
+    from PIL import Image
 
-    from pipeline.viz.mining import GT, PRED
+    from pipeline.viz.boxes import as_boxes
+    from pipeline.viz.mining import draw_box_and_gt, line_width
+    from pipeline.viz.style import GT, PRED, Key, finish_picture
 
     try:
         with Image.open(path) as im:
             pil = im.convert("RGB")
     except (OSError, ValueError):
         return None
-    d = ImageDraw.Draw(pil)
-    lw = max(2, round(min(pil.size) / 150))
-    for b in ([] if gt_boxes is None else np.asarray(gt_boxes).reshape(-1, 4)):
-        d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=GT, width=lw)
-    if box is not None:
-        d.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=PRED, width=lw + 1)
-    d.rectangle([0, 0, 8 + 7 * len(title), 16], fill=(0, 0, 0))
-    d.text((4, 3), title, fill=(255, 255, 255))
+    skipped = draw_box_and_gt(pil, box, gt_boxes, line_width(pil.height, pil.width))
     pil.thumbnail((512, 512))
-    return pil
+    keys = [Key(PRED, "box", 2)] + ([Key(GT, "GT", 2)] if len(as_boxes(gt_boxes)) else [])
+    return finish_picture(pil, title, keys, skipped)
 
 
 def _has_outputs(root: Path) -> bool:

@@ -1,76 +1,94 @@
 """Pictures of a TokenCut / MaskCut result: boxes, the eigenvector heat map and the bipartition, side by side.
 
+Each panel keeps a readable size: an image whose shorter side is under ``MIN_PANEL`` pixels is enlarged by
+a whole factor with nearest-neighbour (patches stay sharp squares; boxes are drawn after enlarging, so lines
+stay thin), a larger one keeps its size. The report shows pictures in a fixed width, where three panels of
+a small image would otherwise be a few dozen pixels each. A legend line says what the colours mean.
+
 Drawing only (``save_png`` is re-exported from :mod:`pipeline.viz.mining` for callers that write).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from pipeline.viz.mining import EXPANSION, PRED, SEED, _patch_grid_mask, draw_box_and_gt, draw_mining, save_png
+from pipeline.viz.boxes import draw_boxes
+from pipeline.viz.mining import (EXPANSION, PRED, SEED, _patch_grid_mask, draw_box_and_gt, line_width,
+                                 mining_keys, mining_overlay, save_png, scale_boxes, upsample_grid, zoom_image)
+from pipeline.viz.style import EXPANSION as EXPANSION_RGB
+from pipeline.viz.style import NEGATIVE as NEGATIVE_RGB
+from pipeline.viz.style import POSITIVE as POSITIVE_RGB
+from pipeline.viz.style import ZERO, Key, draw_title, finish_picture
 
-__all__ = ["draw_cut", "eigvec_heatmap", "save_png"]
+__all__ = ["draw_cut", "eigvec_heatmap", "panel_zoom", "save_png"]
 
-NEGATIVE = np.array([40, 90, 255], dtype=np.float32)   # eigenvector < 0 (background side)
-POSITIVE = np.array([255, 60, 40], dtype=np.float32)   # eigenvector > 0 (object side)
+NEGATIVE = np.array(NEGATIVE_RGB, dtype=np.float32)   # eigenvector < 0 (background side)
+POSITIVE = np.array(POSITIVE_RGB, dtype=np.float32)   # eigenvector > 0 (object side)
 GAP = 6
+MIN_PANEL = 224   # pixels on a panel's shorter side (the input size of the backbones)
+MAX_PANEL = 2048  # never enlarged past this on the longer side (a 1 x 1000 image stays a strip)
 
 
-def _upsample(grid: np.ndarray, patch_size: int, h: int, w: int) -> np.ndarray:
-    return np.kron(grid, np.ones((patch_size, patch_size), dtype=grid.dtype))[:h, :w]
+def panel_zoom(h: int, w: int) -> int:
+    """The whole factor that enlarges an h x w image to at least ``MIN_PANEL`` on its shorter side (1 when it
+    already is: never shrunk), limited so that the longer side stays within ``MAX_PANEL``."""
+    need = math.ceil(MIN_PANEL / max(1, min(h, w)))
+    return max(1, min(need, MAX_PANEL // max(1, h, w)))
 
 
 def eigvec_heatmap(eigvec: np.ndarray, patch_size: int, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 diverging map of an (h, w) eigenvector: blue < 0 < red, white at 0, scaled by
-    max |v| (all white when the vector is zero, e.g. the degenerate fallback)."""
-    v = np.asarray(eigvec, dtype=np.float64)
+    max |v| (all white when the vector is zero, e.g. the degenerate fallback; NaN/inf count as 0)."""
+    v = np.nan_to_num(np.asarray(eigvec, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     scale = float(np.abs(v).max()) if v.size else 0.0
     t = v / scale if scale > 0 else np.zeros_like(v)
-    t = _upsample(t, patch_size, *size)[..., None].astype(np.float32)
-    white = np.full(3, 255, dtype=np.float32)
+    t = upsample_grid(t, patch_size, *size)[..., None].astype(np.float32)
+    white = np.array(ZERO, dtype=np.float32)
     rgb = np.where(t >= 0, white + t * (POSITIVE - white), white - t * (NEGATIVE - white))
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def _label(pil: Image.Image, text: str) -> None:
-    d = ImageDraw.Draw(pil)
-    d.rectangle([0, 0, 8 + 7 * len(text), 16], fill=(0, 0, 0))
-    d.text((4, 3), text, fill=(255, 255, 255))
+def cut_keys(result, gt_boxes=None) -> list[Key]:
+    """The legend of a cut picture: the eigenvector's colour scale, the foreground side, then what the
+    mining overlay shows (seed, component, box, GT)."""
+    return [Key(NEGATIVE_RGB, "eigvec < 0"), Key(ZERO, "0"), Key(POSITIVE_RGB, "> 0 (object side)"),
+            Key(EXPANSION_RGB, "foreground side"), *mining_keys(result, gt_boxes)]
 
 
 def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: str = "") -> Image.Image:
-    """Three panels of ``image`` (H, W, 3 uint8), left to right:
+    """Three panels of ``image`` (H, W, 3 uint8), each enlarged by :func:`panel_zoom`, left to right:
 
     * the boxes (first box red as in :func:`pipeline.viz.mining.draw_mining`, with its mask tinted and
       its seed patch in yellow; later boxes numbered in rank order, thinner) and GT boxes (green);
     * the eigenvector of the first cut (``result.eigvec``) as a heat map (red = object side);
     * the bipartition (``result.bipartition``, blue tint) with the first object's mask outlined by
-      its box.
+      its box;
+
+    then the title and a legend line (:func:`pipeline.viz.style.finish_picture`). Any image size and any
+    box can be drawn; the legend counts the boxes that could not be (those of the first panel).
     """
     H, W = image.shape[:2]
-    left = draw_mining(image, result, patch_size, gt_boxes=gt_boxes, title=title)
-    d = ImageDraw.Draw(left)
-    lw = max(2, round(min(H, W) / 150))
-    boxes = list(getattr(result, "boxes", [result.box]))
-    for rank, b in enumerate(boxes[1:], start=1):
-        b = np.asarray(b).reshape(4)
-        d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=PRED, width=lw)
-        d.text((b[0] + 3, b[1] + 2), str(rank + 1), fill=SEED)
+    k = panel_zoom(H, W)
+    Hk, Wk, patch = H * k, W * k, patch_size * k
+    lw = line_width(Hk, Wk)
+    left, skipped = mining_overlay(image, result, patch_size, gt_boxes, zoom=k)
+    later = list(getattr(result, "boxes", [result.box]))[1:]
+    skipped += draw_boxes(left, scale_boxes(later, k), PRED, lw,
+                          labels=[str(rank) for rank in range(2, len(later) + 2)], label_colour=SEED)
 
-    heat = Image.fromarray(eigvec_heatmap(result.eigvec, patch_size, (H, W)))
-    _label(heat, "eigenvector")
+    heat = draw_title(Image.fromarray(eigvec_heatmap(result.eigvec, patch, (Hk, Wk))), "eigenvector")
 
-    img = image.astype(np.float32).copy()
-    bip = _upsample(np.asarray(result.bipartition, dtype=np.float32), patch_size, H, W) > 0
+    img = zoom_image(image, k).astype(np.float32)
+    bip = upsample_grid(np.asarray(result.bipartition, dtype=bool), patch, Hk, Wk)
     img[bip] = 0.45 * img[bip] + 0.55 * EXPANSION
-    seed_cell = _upsample(_patch_grid_mask([result.seed], result.bipartition.shape).astype(np.float32),
-                          patch_size, H, W) > 0
-    img[seed_cell] = SEED
+    img[upsample_grid(_patch_grid_mask([result.seed], np.shape(result.bipartition)), patch, Hk, Wk)] = SEED
     part = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    draw_box_and_gt(ImageDraw.Draw(part), result.box, gt_boxes, lw)
-    _label(part, "bipartition")
+    draw_box_and_gt(part, scale_boxes(result.box, k), scale_boxes(gt_boxes, k), lw)  # counted on the left
+    draw_title(part, "bipartition")
 
-    sheet = Image.new("RGB", (3 * W + 2 * GAP, H), (24, 24, 24))
-    for k, panel in enumerate((left, heat, part)):
-        sheet.paste(panel, (k * (W + GAP), 0))
-    return sheet
+    sheet = Image.new("RGB", (3 * Wk + 2 * GAP, Hk), (24, 24, 24))
+    for i, panel in enumerate((left, heat, part)):
+        sheet.paste(panel, (i * (Wk + GAP), 0))
+    return finish_picture(sheet, title, cut_keys(result, gt_boxes), skipped, title_room=Wk)

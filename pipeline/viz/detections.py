@@ -1,4 +1,5 @@
-"""Pictures of detections: the image, its top detections (red, with scores) and GT boxes (green).
+"""Pictures of detections: the image, its top detections (red, with scores; the top one thicker) and GT
+boxes (green), with a legend line.
 
 (Pictures live in viz/ with the mining pictures: shared colours, fonts and one ``save_png``.)
 """
@@ -9,28 +10,31 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipeline.data.images import decode_rgb
-from pipeline.viz.style import GT, PRED, draw_title, font_for, save_png
+from pipeline.viz.boxes import as_boxes, draw_box, draw_boxes
+from pipeline.viz.style import GT, PRED, Key, finish_picture, save_png
 
 
 def draw_detections(image: np.ndarray, boxes, scores, gt_boxes=None, *, min_score: float = 0.3,
                     max_boxes: int = 10, title: str = "") -> Image.Image:
-    """Draw up to ``max_boxes`` detections scoring >= ``min_score`` (always the top one) over ``image``."""
+    """Draw up to ``max_boxes`` detections scoring >= ``min_score`` (always the top one, thicker) with their
+    scores over ``image``, the GT boxes in green, the title and a legend line. Any box a model can give
+    (sub-pixel, zero-size, inverted, outside, NaN/inf) on any image size is accepted
+    (:mod:`pipeline.viz.boxes`); the legend counts those that could not be drawn."""
     pil = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
-    d = ImageDraw.Draw(pil)
-    for b in np.asarray(gt_boxes if gt_boxes is not None else np.zeros((0, 4)), dtype=float).reshape(-1, 4):
-        d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=GT, width=2)
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:max_boxes]
-    boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
-    for rank, i in enumerate(order):
-        if rank > 0 and scores[i] < min_score:
+    skipped = draw_boxes(pil, gt_boxes, GT, 2)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    boxes = as_boxes(boxes)
+    for rank, i in enumerate(np.argsort(-scores, kind="stable")[:max_boxes]):
+        if rank > 0 and not scores[i] >= min_score:
             break
-        b = boxes[i]
-        d.rectangle([b[0], b[1], b[2] - 1, b[3] - 1], outline=PRED, width=3 if rank == 0 else 1)
-        d.text((b[0] + 3, b[1] + 2), f"{scores[i]:.2f}", fill=PRED, font=font_for("0.00", 11))
-    return draw_title(pil, title)
+        skipped += draw_box(pil, boxes[i], PRED, 3 if rank == 0 else 1, label=f"{scores[i]:.2f}") is None
+    keys = [Key(PRED, "detection", 1), Key(PRED, "top box", 3)]
+    if len(as_boxes(gt_boxes)):
+        keys.append(Key(GT, "GT", 2))
+    return finish_picture(pil, title, keys, skipped)
 
 
 def write_detection_pictures(detections: Sequence[dict], records: Sequence, out_dir: str | os.PathLike, *,

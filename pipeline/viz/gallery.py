@@ -21,11 +21,17 @@ _BG = (40, 40, 40)
 
 
 def thumbnail(crop: np.ndarray, size: int) -> Image.Image:
-    """Fit a (h, w, 3) uint8 crop in a ``size`` x ``size`` tile, aspect kept, centred on grey."""
-    img = Image.fromarray(np.ascontiguousarray(np.asarray(crop, dtype=np.uint8)))
-    scale = size / max(img.width, img.height)
-    w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    """Fit a (h, w, 3) uint8 crop in a ``size`` x ``size`` tile, aspect kept, centred on grey. A crop of
+    any size: a 1 x 1 crop fills the tile, an empty one (0 pixels wide or high, e.g. of a box outside its
+    image) leaves the tile grey."""
+    size = max(1, int(size))
     tile = Image.new("RGB", (size, size), (128, 128, 128))
+    arr = np.ascontiguousarray(np.asarray(crop, dtype=np.uint8))
+    if arr.ndim < 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        return tile
+    img = Image.fromarray(arr).convert("RGB")
+    scale = size / max(img.width, img.height)
+    w, h = min(size, max(1, round(img.width * scale))), min(size, max(1, round(img.height * scale)))
     tile.paste(img.resize((w, h), Image.BICUBIC), ((size - w) // 2, (size - h) // 2))
     return tile
 
@@ -34,6 +40,7 @@ def cluster_gallery(crops: Sequence[np.ndarray], out_path: str | Path, title: st
                     thumb: int = 96, cols: int = 8) -> Path:
     """Write a PNG grid of the first ``n`` crops under a one-line ``title`` (PIL default font)."""
     crops = list(crops)[:n]
+    thumb = max(1, int(thumb))
     cols = max(1, min(cols, len(crops) or 1))
     rows = max(1, -(-len(crops) // cols))
     font = font_for(title, 13)

@@ -1,5 +1,5 @@
 """What every picture shares: the colours, the title font (with the glyphs of non-ASCII file names),
-the title band and one PNG writer.
+the title band, the legend line, one way to finish a picture (:func:`finish_picture`) and one PNG writer.
 
 Fonts: the title is drawn with the first font that has every glyph of the text, tried in order:
 ``$LOST_FONT`` (a .ttf/.otf/.ttc path), DejaVu Sans (Debian/Ubuntu ``fonts-dejavu-core``, Fedora,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -24,9 +25,15 @@ GT = (40, 220, 60)           # ground-truth boxes
 SEED = (255, 220, 0)         # the seed patch of a miner
 EXPANSION = (0, 140, 255)    # the patches a miner expanded over
 COMPONENT = (255, 255, 255)  # outline of the mined component
+NEGATIVE = (40, 90, 255)     # a cut's eigenvector < 0 (background side)
+ZERO = (255, 255, 255)       # a cut's eigenvector = 0
+POSITIVE = (255, 60, 40)     # a cut's eigenvector > 0 (object side)
 TITLE_BG = (0, 0, 0)
 TITLE_FG = (255, 255, 255)
 TITLE_SIZE = 13              # pixels
+LEGEND_SIZE = 11             # pixels
+TITLE_BAND = TITLE_SIZE + 6  # height of a title band above a picture (finish_picture)
+LEGEND_BAND = LEGEND_SIZE + 6  # height of the legend line below a picture (legend_band at LEGEND_SIZE)
 
 _FONT_FILES = (
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",          # Debian, Ubuntu (fonts-dejavu-core)
@@ -130,6 +137,78 @@ def draw_title(image: Image.Image, text: str, size: int = TITLE_SIZE) -> Image.I
     d.rectangle([0, 0, right + 4, max(bottom, 2 + size) + 3], fill=TITLE_BG)
     d.text((4, 2), text, fill=TITLE_FG, font=font)
     return image
+
+
+class Key(NamedTuple):
+    """One entry of a legend line: a swatch of ``colour`` and its ``text``. ``outline`` 0 draws a filled
+    square (a tint, a heat-map colour); n > 0 an outlined square with an n-pixel line (how boxes are drawn,
+    so a thin and a thick box of one colour can be told apart)."""
+
+    colour: tuple[int, int, int]
+    text: str
+    outline: int = 0
+
+
+def _text_width(text: str, font) -> int:
+    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)) if text else 0
+
+
+def legend_band(keys: Sequence[Key], note: str = "", size: int = LEGEND_SIZE) -> Image.Image:
+    """One line on a black band, as wide as it needs (never cut off): for each key its swatch and text, then
+    ``note``."""
+    font = font_for(" ".join([k.text for k in keys] + [note]), size)
+    gap, pad, swatch = 3, 4, size
+    pieces = []  # (x of the swatch or None, key or None, x of the text, text)
+    x = pad
+    for k in keys:
+        pieces.append((x, k, x + swatch + gap, k.text))
+        x += swatch + gap + _text_width(k.text, font) + 3 * gap
+    if note:
+        pieces.append((None, None, x, note))
+        x += _text_width(note, font) + gap
+    band = Image.new("RGB", (x + pad, size + 6), TITLE_BG)
+    d = ImageDraw.Draw(band)
+    for sx, k, tx, text in pieces:
+        if k is not None:
+            rect = [sx, 3, sx + swatch - 1, 3 + swatch - 1]
+            if k.outline > 0:
+                d.rectangle(rect, outline=k.colour, width=min(int(k.outline), swatch // 2))
+            else:
+                d.rectangle(rect, fill=k.colour)
+        d.text((tx, 2), text, fill=TITLE_FG, font=font)
+    return band
+
+
+def finish_picture(picture: Image.Image, title: str = "", keys: Sequence[Key] = (), skipped: int = 0,
+                   title_room: int | None = None) -> Image.Image:
+    """The picture as it is saved: ``title`` and a legend line saying what the colours (``keys``) mean.
+
+    The title is drawn over the picture's top left, as every picture had it, when the picture leaves room
+    for it (at least three title bands tall and ``title_room`` pixels wide, default its width); over a
+    smaller picture (down to 1 x 1) it would hide most of it, so it gets a band above instead. The legend
+    is a band below, with ``"<skipped> box(es) not drawn"`` appended when boxes could not be drawn (NaN/inf or
+    wholly outside, see :func:`pipeline.viz.boxes.draw_boxes`). The canvas is widened to the wider text, so
+    no text is cut off on a narrow picture. ``info["skipped_boxes"]`` records ``skipped``."""
+    font = font_for(title, TITLE_SIZE) if title else None
+    room = picture.width if title_room is None else int(title_room)
+    over = bool(title) and picture.height >= 3 * TITLE_BAND and _text_width(title, font) + 8 <= room
+    if over:
+        draw_title(picture, title)
+    top = None
+    if title and not over:
+        top = draw_title(Image.new("RGB", (_text_width(title, font) + 8, TITLE_BAND), TITLE_BG), title)
+    note = f"{skipped} box{'es' if skipped != 1 else ''} not drawn (NaN/inf or outside)" if skipped else ""
+    bottom = legend_band(keys, note) if keys or note else None
+    parts = [p for p in (top, picture, bottom) if p is not None]
+    out = picture
+    if len(parts) > 1:
+        out = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), TITLE_BG)
+        y = 0
+        for p in parts:
+            out.paste(p, (0, y))
+            y += p.height
+    out.info["skipped_boxes"] = int(skipped)
+    return out
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, title: str | None = None) -> Path:
