@@ -4,11 +4,15 @@
 
 Reads ``${base_dir}`` (= output_root/dataset/backbone: mine*/, cag/, cluster/, cad/) and writes
 ``${dirs.report}/``: index.html, summary.json and img/ (plots and copies of the stages' pictures), a
-self-contained folder that opens from disk. Reruns nothing; stale and missing stages are marked.
+self-contained folder that opens from disk. Reruns nothing. Every stage's state is `make status`'s (the
+same function, the same dataset facts); a section of a stage that is not done says so and gives the command
+that brings it up to date, with the ARGS the report was made with.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Sequence
 
 from omegaconf import DictConfig
 
@@ -16,19 +20,29 @@ from stages.common import run_guarded, to_container
 from stages.config import stage_main
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
+    """Build the report; ``overrides``: the command line's Hydra overrides (the experiment's ARGS, repeated
+    in the commands the report suggests; None: ARGS naming the dataset, backbone and output root)."""
     from pipeline.report import build_report
+    from pipeline.status import dataset_facts
+    from stages.common import build_dataset_from_cfg
 
     d = to_container(cfg.dataset)
+    facts, note = dataset_facts(lambda: build_dataset_from_cfg(cfg))
+    if note:
+        print(f"({note})", flush=True)
     summary = build_report(Path(cfg.base_dir), Path(cfg.stage_dir), dataset=d,
-                           max_pictures=int(cfg.report.max_pictures), n_worst=int(cfg.report.worst))
+                           max_pictures=int(cfg.report.max_pictures), n_worst=int(cfg.report.worst),
+                           args=overrides, **facts)
     prov = summary["provenance"]
     print(f"report: {summary['index']}", flush=True)
     print(f"sections: {', '.join(summary['sections'])}", flush=True)
     if prov["missing"]:
         print("missing stages: " + ", ".join(f"{m['stage']} ({m['run']})" for m in prov["missing"]), flush=True)
-    if prov["stale"]:
-        print("STALE stages (an input changed since they ran): " + ", ".join(prov["stale"]), flush=True)
+    for row in prov["stages"]:
+        if row["state"] in ("stale", "partial", "failed"):
+            print(f"{row['label']} {row['stage']}: {'; '.join(row['changed']) or row['detail']}; "
+                  f"run: {row['command']}", flush=True)
     if summary["random_init"]:
         print("[RANDOM WEIGHTS: the report shows a smoke test, not results]", flush=True)
     return summary
@@ -36,7 +50,9 @@ def run(cfg: DictConfig) -> dict:
 
 @stage_main("report")
 def main(cfg: DictConfig) -> None:
-    run_guarded(run, cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    run_guarded(functools.partial(run, overrides=list(HydraConfig.get().overrides.task)), cfg)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,42 @@
-"""`make status`: which stages of a dataset/backbone are done, stale (inputs changed) or missing.
+"""`make status`: the state of each stage of a dataset/backbone (done, partial, failed, stale, missing) and,
+for each that is not done, the command that brings it up to date.
 
     python -m stages.status dataset=voc07 backbone=dino_vits16
+
+The states are :func:`pipeline.status.pipeline_status`'s, decided with the same dataset facts as `make
+report` (:func:`pipeline.status.dataset_facts`), so the two never disagree.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from omegaconf import DictConfig
 
-from pipeline.status import format_status, pipeline_status
+from pipeline.status import StageState, dataset_facts, format_status, pipeline_status
 from stages.config import stage_main
+
+
+def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[StageState]:
+    """Print the states; ``overrides``: the command line's Hydra overrides (the experiment's ARGS, which the
+    printed commands repeat; None: ARGS naming the dataset, backbone and output root)."""
+    from stages.common import build_dataset_from_cfg
+
+    root = Path(cfg.base_dir)
+    facts, note = dataset_facts(lambda: build_dataset_from_cfg(cfg))
+    if note:
+        print(f"({note})")
+    states = pipeline_status(root, **facts)
+    print(f"{cfg.dataset.name} / {cfg.backbone.name}  ({root})")
+    print(format_status(states, overrides))
+    return states
 
 
 @stage_main("status")
 def main(cfg: DictConfig) -> None:
-    root = Path(cfg.base_dir)
-    digest = n = None
-    try:  # the dataset tells which annotations the stages scored against and how many images a run has
-        from pipeline.status import annotations_digest
-        from stages.common import build_dataset_from_cfg
+    from hydra.core.hydra_config import HydraConfig
 
-        ds = build_dataset_from_cfg(cfg)
-        digest, n = (annotations_digest(ds.records) if ds.has_gt else None), len(ds)
-    except Exception as e:  # noqa: BLE001 - status still reports what it can without the data
-        print(f"(dataset not readable here, annotations and image counts not checked: {e})")
-    print(f"{cfg.dataset.name} / {cfg.backbone.name}  ({root})")
-    print(format_status(pipeline_status(root, annotations_digest=digest, n_images=n)))
+    run(cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

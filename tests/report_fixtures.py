@@ -50,12 +50,20 @@ def _png(path: Path, color) -> None:
 
 
 def _manifest(d: Path, stage: str, dataset: dict, random_init: bool, inputs=None, **extra) -> None:
+    """A manifest as a stage writes it: the resolved config records where the tree was (``paths.output_root``,
+    ``base_dir``, ``stage_dir``) and the keys that pick the stage's run (cluster K, the cluster run of cad)."""
     init = "random" if random_init else "pretrained"
+    base = next(p for p in (d, *d.parents) if p.name == "dino_vits16")
     cfg = {"dataset": dataset, "backbone": {"arch": "dino_vits16", "name": "dino_vits16", "init": init,
-                                            "feature": "k"}}
+                                            "feature": "k"},
+           "paths": {"output_root": str(base.parents[1])}, "base_dir": str(base), "stage_dir": str(d)}
     if stage in ("train_cag", "train_cad"):
         cfg["detector"] = {"preset": "mobilenet_fpn", "init": init}
         cfg["schedule"] = {"name": "smoke", "iterations": 4, "batch_size": 2, "lr": 0.005}
+    if stage == "cluster":
+        cfg["cluster"] = {"source": d.parent.name, "k": 2, "run_name": d.name}
+    if stage == "train_cad":
+        cfg["train_cad"] = {"cluster_run": "lost/k2"}
     t = time.time()
     write_manifest(d, stage=stage, config=cfg, inputs=inputs or {}, start_time=t - 1, end_time=t,
                    weights_sha256=None if random_init else "ab" * 32,
@@ -126,3 +134,50 @@ def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: 
             "gt": "voc07:trainval", "inference": {"random_init": random_init}})
         _manifest(e, "evaluate_cad", dataset, random_init, inputs={"model": base / "cad" / "metrics.json"})
     return base
+
+
+def partial_training(d: Path, iteration: int, iterations: int) -> Path:
+    """A training stage killed after its checkpoint at ``iteration`` of ``iterations``: a real ``model.pt``
+    (the trainer's :class:`Checkpointer`, a tiny network) and the ``metrics.jsonl`` rows up to it; no
+    metrics.json, no manifest (the stage writes those last)."""
+    import json
+
+    import torch
+
+    from pipeline.detection.checkpoint import Checkpointer, DetectorSpec
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    ckpt = Checkpointer(d / "model.pt", spec=DetectorSpec("mobilenet_fpn", 1),
+                        schedule={"iterations": iterations, "batch_size": 2, "lr": 0.01})
+    ckpt.save(net, opt, sched, torch.amp.GradScaler("cpu", enabled=False), iteration)
+    write_text(d / "metrics.jsonl", "".join(json.dumps({"iteration": i, "loss": 1.0 / i, "lr": 0.01}) + "\n"
+                                            for i in range(1, iteration + 1)))
+    return d
+
+
+FOLDER_GOOD, FOLDER_BAD = 8, ("bad0.jpg", "bad1.jpg", "bad2.jpg", "bad3.jpg", "tiny.png")
+
+
+def mine_folder(out: Path, src: Path) -> Path:
+    """A real mining run (``make mine ARGS="dataset=folder ..."``, random weights, in process, ~2 s) over a
+    folder of 8 images, 4 files that are not images and a 1x1 image: the miner fails on those 5. Returns
+    the base dir ``out/folder/dino_vits16``."""
+    from stage_utils import compose_cfg
+    from stages.mine import run
+
+    src.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(FOLDER_GOOD):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(src / f"img{i:02d}.png")
+    for name in FOLDER_BAD[:-1]:
+        (src / name).write_bytes(b"not an image")
+    Image.new("RGB", (1, 1)).save(src / FOLDER_BAD[-1])
+    run(compose_cfg("mine", folder_args(out, src) + ["num_workers=0", "progress=false", "viz.num_images=2"]))
+    return out / "folder" / "dino_vits16"
+
+
+def folder_args(out: Path, src: Path) -> list[str]:
+    """The ARGS of the folder experiment (every stage of it, status and report included)."""
+    return [f"paths.output_root={out}", "dataset=folder", f"dataset.root={src}", "backbone.init=random"]

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.report import ReportError, build_report
-from report_fixtures import make_experiment
+from report_fixtures import FOLDER_BAD, make_experiment, mine_folder, partial_training
 from stage_utils import compose_cfg, run_cli
 
 CHAIN = ["detector=mobilenet_fpn", "schedule=smoke", "cluster.k=3", "train_cad.cluster_run=lost/k3",
@@ -33,6 +33,47 @@ class _Refs(HTMLParser):
             self.scripts += 1
         if a.get("id"):
             self.ids.add(a["id"])
+
+
+class _Element(HTMLParser):
+    """The text and the table rows (cell texts) inside the element with id ``target``."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target, self.depth, self.tag = target, 0, None
+        self.text, self.rows, self.found = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if self.depth == 0 and dict(attrs).get("id") == self.target:
+            self.tag, self.depth, self.found = tag, 1, True
+        elif self.depth and tag == self.tag:
+            self.depth += 1
+        if self.depth and tag == "tr":
+            self.rows.append([])
+        if self.depth and tag in ("td", "th") and self.rows:
+            self.rows[-1].append("")
+
+    def handle_endtag(self, tag):
+        if self.depth and tag == self.tag:
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth:
+            self.text.append(data)
+            if self.rows and self.rows[-1]:
+                self.rows[-1][-1] += data
+
+
+def element(report: Path, id_: str) -> _Element:
+    p = _Element(id_)
+    p.feed((report / "index.html").read_text())
+    assert p.found, f"no element with id {id_}"
+    return p
+
+
+def text_of(report: Path, id_: str) -> str:
+    """The visible text of one section (whitespace collapsed)."""
+    return " ".join("".join(element(report, id_).text).split())
 
 
 def parse(index: Path) -> _Refs:
@@ -110,14 +151,20 @@ def test_real_weights_have_no_banner(tmp_path):
 
 def test_only_mine_ran(tmp_path):
     base = make_experiment(tmp_path / "outputs", tmp_path / "data", stages=("mine",))
-    s = build_report(base)
+    s = build_report(base, args=["dataset=voc07", "schedule=smoke"])
     p = check_self_contained(base / "report")
     assert s["sections"] == ["provenance", "mining"]
     assert {"train-cag", "cluster", "train-cad", "evaluate-cad"}.isdisjoint(p.ids)
     missing = {m["stage"]: m["run"] for m in s["provenance"]["missing"]}
-    assert missing == {"cag": "make train-cag", "cluster": "make cluster", "cad": "make train-cad"}
+    args = 'ARGS="dataset=voc07 schedule=smoke"'
+    assert missing == {"cag": f"make train-cag {args}", "cluster": f"make cluster {args}",
+                       "cad": f"make train-cad {args}"}
     html = (base / "report" / "index.html").read_text()
-    assert "missing-stages" in p.ids and "make train-cag" in html and "make cluster" in html
+    assert "missing-stages" in p.ids and f"make train-cag {args}".replace('"', "&#34;") in html
+    # without the experiment's ARGS, the commands name the experiment by its directories
+    s = build_report(base)
+    assert {m["stage"]: m["run"] for m in s["provenance"]["missing"]}["cag"] == \
+        f'make train-cag ARGS="dataset=voc07 backbone=dino_vits16 paths.output_root={tmp_path / "outputs"}"'
 
 
 def test_rebuild_after_a_stage_changed_marks_stale(experiment):
@@ -138,7 +185,7 @@ def test_rebuild_after_a_stage_changed_marks_stale(experiment):
     assert states["cad"] == "missing"
     assert set(s["provenance"]["stale"]) == {"cag", "cluster/lost/k2"}
     html = (experiment / "report" / "index.html").read_text()
-    assert html.count('class="state-stale">STALE') == 2 and "inputs changed since it ran" in html
+    assert html.count('class="state-stale">STALE') == 2 and "changed since it ran" in html
     assert s["mining"][0]["corloc"] == 66.7 and s["mining"][0]["corloc_recomputed"] == pytest.approx(400 / 6)
     assert "66.7" in html
     assert s["sections"] == ["provenance", "mining", "train-cag", "cluster"]
@@ -214,3 +261,115 @@ def test_without_ground_truth(experiment, tmp_path):
     html = (experiment / "report" / "index.html").read_text()
     assert "purity/NMI skipped" in html and "MISS" not in html
     check_self_contained(experiment / "report")
+
+
+# --------------------------------------------------------------------- issue 20: stale, partial, worst, multi-box
+def _change_boxes(base: Path) -> None:
+    coco = read_json(base / "mine" / "pseudo_boxes.json")
+    coco["annotations"][1]["bbox"] = [30, 10, 30, 30]
+    write_json(base / "mine" / "pseudo_boxes.json", coco)
+
+
+def test_every_section_of_a_stale_stage_says_so_with_the_real_command(experiment):
+    """Mining reran with another setting: train-cag, the clusters, train-cad and its evaluation keep their old
+    numbers, so each section says STALE, what changed upstream, and the command that redoes it (FORCE=1: the
+    stage has finished results)."""
+    report = experiment / "report"
+    _change_boxes(experiment)
+    args = ["dataset=voc07", "schedule=smoke"]
+    s = build_report(experiment, args=args)
+    expected = {
+        "train-cag": ("mine/pseudo_boxes.json", 'make train-cag FORCE=1 ARGS="dataset=voc07 schedule=smoke"'),
+        "cluster-lost-k2": ("mine/pseudo_boxes.json",
+                            'make cluster FORCE=1 ARGS="dataset=voc07 schedule=smoke cluster.k=2"'),
+        "train-cad": ("upstream cluster/lost/k2 is stale",
+                      'make train-cad FORCE=1 ARGS="dataset=voc07 schedule=smoke train_cad.cluster_run=lost/k2"'),
+        "evaluate-cad-eval_trainval": ("upstream cad is stale",
+                                       'make evaluate-cad FORCE=1 ARGS="dataset=voc07 schedule=smoke"'),
+    }
+    for id_, (why, command) in expected.items():
+        text = text_of(report, id_)
+        assert "STALE" in text and why in text and command in text, (id_, text[:400])
+    assert "STALE" not in text_of(report, "mining")
+    assert "(rerun it)" not in (report / "index.html").read_text()
+    prov = {r["stage"]: r for r in s["provenance"]["stages"]}
+    assert prov["cag"]["command"] == expected["train-cag"][1]
+    assert s["train_cag"]["status"]["state"] == "stale" and s["cluster"][0]["status"]["state"] == "stale"
+
+
+def test_a_killed_training_is_shown_partial_with_how_to_resume_not_with_numbers(experiment):
+    report, cag = experiment / "report", experiment / "cag"
+    for name in ("metrics.json", "manifest.json", "metrics.jsonl"):
+        (cag / name).unlink()
+    import shutil
+
+    shutil.rmtree(cag / "viz")
+    partial_training(cag, 5, 30)
+    s = build_report(experiment, args=["dataset=voc07"])
+    text = text_of(report, "train-cag")
+    assert "partial 5/30" in text and 'make train-cag ARGS="dataset=voc07 train_cag.resume=true"' in text
+    assert "final loss" not in text and "AP50" not in text and "33.3" not in text and "12.5" not in text
+    assert s["train_cag"]["status"]["label"] == "partial 5/30" and s["train_cag"]["AP50"] is None
+    assert {r["stage"]: r["label"] for r in s["provenance"]["stages"]}["cag"] == "partial 5/30"
+    # killed before its first checkpoint: failed, and a plain rerun starts it again
+    (cag / "model.pt").unlink()
+    s = build_report(experiment, args=["dataset=voc07"])
+    text = text_of(report, "train-cag")
+    assert "failed" in text and "before its first checkpoint" in text and 'make train-cag ARGS="dataset=voc07"' in text
+    assert "final loss" not in text and s["train_cag"]["status"]["state"] == "failed"
+
+
+def test_worst_images_are_never_failed_or_degenerate_images(experiment):
+    """Image 5 failed (listed in metrics.json), image 4 is 1x1 px: neither is a "worst image" (each would be
+    a black or empty picture, not a miss of the miner)."""
+    from PIL import Image
+
+    mp = experiment / "mine" / "metrics.json"
+    write_json(mp, {**read_json(mp), "failed_images": [{"image_id": "5", "path": "im5.png", "error": "broken"}]})
+    coco = read_json(experiment / "mine" / "pseudo_boxes.json")
+    Image.new("RGB", (1, 1)).save(Path(coco["info"]["image_root"]) / "im4.png")
+    coco["images"][3].update(width=1, height=1)
+    write_json(experiment / "mine" / "pseudo_boxes.json", coco)
+    s = build_report(experiment)
+    assert [w["image_id"] for w in s["mining"][0]["worst"]] == ["6"]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("folder")
+    return mine_folder(tmp / "out", tmp / "imgs")
+
+
+def test_worst_images_of_a_real_run_with_failures(folder_run, tmp_path):
+    """A real folder run where the miner failed on 4 non-images and a 1x1 image (no GT: the worst are the
+    lowest box scores): the worst images are real, mined images."""
+    s = build_report(folder_run, tmp_path / "report")
+    m = s["mining"][0]
+    assert len(m["failed_images"]) == len(FOLDER_BAD)
+    worst = [w["image_id"] for w in m["worst"]]
+    shown = {p["image_id"] for p in m["pictures"]}
+    assert len(worst) == 4 and not set(worst) & set(FOLDER_BAD) and not set(worst) & shown, worst
+    assert all(w.startswith("img") for w in worst)
+
+
+def test_multi_box_scores_are_in_the_mining_section(experiment):
+    """MaskCut's object recall, boxes per image and any-box CorLoc (metrics.json ``multi_box``) beside each
+    miner that has them, the last never under the name CorLoc."""
+    import shutil
+
+    shutil.copytree(experiment / "mine", experiment / "mine_maskcut")
+    mp = experiment / "mine_maskcut" / "metrics.json"
+    mb = {"object_recall": 62.5, "objects_covered": 5, "objects_total": 8, "boxes_per_image": 2.5,
+          "any_box_corloc": 83.3, "any_box_hits": 5, "images_scored": 6}
+    write_json(mp, {**read_json(mp), "method": "maskcut", "multi_box": mb})
+    s = build_report(experiment)
+    m = {x["stage"]: x for x in s["mining"]}
+    assert m["mine_maskcut"]["multi_box"]["any_box_corloc"] == 83.3 and m["mine"]["multi_box"] is None
+    rows = {r[0].strip(): r[1:] for r in element(experiment / "report", "mining").rows if r}
+    recall = next(v for k, v in rows.items() if k.startswith("object recall"))
+    per_image = next(v for k, v in rows.items() if k.startswith("boxes per image"))
+    any_box = next(v for k, v in rows.items() if k.startswith("any-box CorLoc"))
+    assert recall[0].strip() == "-" and "62.5" in recall[1] and "(5/8)" in recall[1]
+    assert per_image[0].strip() == "-" and "2.50" in per_image[1]
+    assert any_box[0].strip() == "-" and "83.3" in any_box[1] and "(5/6)" in any_box[1]
+    assert all("83.3" not in " ".join(v) for k, v in rows.items() if not k.startswith("any-box"))

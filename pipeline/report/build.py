@@ -3,8 +3,13 @@
 :func:`build_report` reads whatever the stages wrote there (no stage is rerun, nothing but the report dir
 is written), makes PNG plots, copies the stages' pictures, renders ``index.html`` with a Jinja2 template
 and writes ``summary.json``: a self-contained folder that opens from disk, offline, without JavaScript.
-Every section appears only when its stage has run; the provenance section says which stages are done,
-stale (an input changed since they ran, as ``make status``) or missing, and what to run.
+Every section appears only when its stage has run. Every stage's state is :mod:`pipeline.status`'s, the
+one ``make status`` prints (done, partial, failed, stale, missing): the provenance table lists them, and the
+section of a stage that is not done carries a mark saying so, why (which input or upstream stage changed),
+and the command that brings it up to date. A partial or failed training shows no numbers (it has none).
+
+Worst images: the images the miner did worst on, never the ones it failed on (listed as failures) or images
+too small to be pictures (under :data:`MIN_SIDE` px): those would be black or empty pictures, not misses.
 
 Cluster purity/NMI: taken from the cluster stage's ``metrics.json`` key ``cluster_quality`` (the dict of
 :func:`pipeline.evaluation.cluster_quality.cluster_quality_for_boxes`) when it is there, else computed here
@@ -22,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from typing import Sequence
+
 from pipeline.artifacts import ArtifactError, atomic_path, read_json, write_json, write_text
 from pipeline.report import plots
 from pipeline.report.published import FULL_SET_IMAGES, published_corloc
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-MAKE_TARGET = {"mine": "make mine", "cag": "make train-cag", "cluster": "make cluster", "cad": "make train-cad",
-               "cad/eval_*": "make evaluate-cad"}
+MIN_SIDE = 2      # px: an image smaller than this on a side is degenerate (never a "worst image")
 NOT_A_RESULT = "random weights: smoke test, not a result"
 
 
@@ -75,8 +81,11 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 class _Builder:
-    def __init__(self, root: Path, work: Path, dataset: dict | None, max_pictures: int, n_worst: int):
+    def __init__(self, root: Path, work: Path, dataset: dict | None, max_pictures: int, n_worst: int,
+                 args: Sequence[str] | None = None, facts: dict | None = None):
         self.root, self.work, self.dataset = root, work, dataset
+        self.args, self.facts = args, facts or {}
+        self.status: dict[str, dict] = {}   # stage name -> its state row (provenance), filled by provenance()
         self.max_pictures, self.n_worst = max_pictures, n_worst
         self.img = work / "img"
         self.img.mkdir(parents=True)
@@ -125,22 +134,24 @@ class _Builder:
 
     # ----------------------------------------------------------------------- provenance
     def provenance(self) -> dict:
-        from pipeline.status import pipeline_status
+        """Every stage's state (:func:`pipeline.status.pipeline_status`, as `make status`), with the command
+        that brings it up to date; the manifests' config and code."""
+        from pipeline.status import StageState, pipeline_status
 
-        states = pipeline_status(self.root)
+        states = pipeline_status(self.root, **self.facts)
         rows, manifests = [], []
         for st in states:
-            row = {"stage": st.stage, "state": st.state, "path": os.path.relpath(st.path, self.root),
-                   "changed": st.changed, "end_time": st.end_time, "wall_time_s": st.wall_time_s}
+            row = {**st.as_dict(self.args), "path": os.path.relpath(st.path, self.root)}
             rows.append(row)
+            self.status[st.stage] = row
             man = _read(Path(st.path) / "manifest.json")
             if man:
                 manifests.append(self._manifest_summary(st.stage, man))
-        evals = sorted(p for p in (self.root / "cad").glob("eval_*") if p.is_dir())
-        missing = [{"stage": r["stage"], "run": MAKE_TARGET.get(r["stage"].split("_")[0], "")}
-                   for r in rows if r["state"] == "missing"]
-        if (self.root / "cad" / "manifest.json").is_file() and not evals:
-            missing.append({"stage": "cad/eval_*", "run": MAKE_TARGET["cad/eval_*"]})
+        missing = [{"stage": r["stage"], "run": r["command"]} for r in rows if r["state"] == "missing"]
+        cad = self.status.get("cad")
+        if cad and cad["state"] in ("done", "stale") and not any(r["stage"].startswith("cad/eval_") for r in rows):
+            evals = StageState("cad/eval_*", "missing", self.root / "cad" / "eval_*", root=self.root)
+            missing.append({"stage": evals.stage, "run": evals.as_dict(self.args)["command"]})
         return {"stages": rows, "manifests": manifests, "missing": missing,
                 "stale": [r["stage"] for r in rows if r["state"] == "stale"]}
 
@@ -183,8 +194,9 @@ class _Builder:
         n_images = metrics.get("images") or (len(coco["images"]) if coco else None)
         pub = published_corloc(method, backbone, dataset_name)
         full = FULL_SET_IMAGES.get(dataset_name)
-        out = {"stage": stage, "method": method, "backbone": backbone, "dataset": dataset_name,
-               "images": n_images, "boxes": metrics.get("boxes"), "corloc": metrics.get("corloc"),
+        out = {"stage": stage, "status": self.status.get(stage), "method": method, "backbone": backbone,
+               "dataset": dataset_name, "images": n_images, "multi_box": metrics.get("multi_box") or None,
+               "boxes": metrics.get("boxes"), "corloc": metrics.get("corloc"),
                "corloc_hits": metrics.get("corloc_hits"), "corloc_total": metrics.get("corloc_total"),
                "published_corloc": pub, "random_init": random_init, "is_result": not random_init,
                "full_set": bool(full and n_images == full), "full_set_images": full,
@@ -195,10 +207,12 @@ class _Builder:
             out["score_hist"] = self.rel(plots.histogram(
                 scores, self.img / f"{stage}_scores.png", title=f"{stage}: box scores ({len(scores)} boxes)",
                 xlabel="score", random_init=random_init))
-            self._mining_pictures(d, coco, info, out)
+            self._mining_pictures(d, coco, info, out, _unpicturable(coco, out["failed_images"]))
         return out
 
-    def _mining_pictures(self, d: Path, coco: dict, info: dict, out: dict) -> None:
+    def _mining_pictures(self, d: Path, coco: dict, info: dict, out: dict, skip: set[str]) -> None:
+        """The first pictures (the stage's viz/) and the worst images, drawn here; ``skip``: dataset ids that
+        are never worst images (failed or degenerate, :func:`_unpicturable`)."""
         from pipeline.boxes import xywh_to_xyxy
         from pipeline.evaluation.corloc import corloc
 
@@ -233,12 +247,15 @@ class _Builder:
             shown.add(key)
         # the worst images: lowest best-IoU with GT when there is GT, else lowest box score
         if per_image:
-            cand = sorted((k for k in per_image if k not in shown), key=lambda k: (ious.get(k, 0.0), k))
+            cand = sorted((k for k in per_image if k not in shown and k not in skip),
+                          key=lambda k: (ious.get(k, 0.0), k))
         else:
-            cand = sorted((k for k in by_ds_id if k not in shown),
+            cand = sorted((k for k in by_ds_id if k not in shown and k not in skip),
                           key=lambda k: (score_of.get(int(by_ds_id[k]["id"]), -1.0), k))
         root = Path(str(info.get("image_root") or ""))
-        for k in cand[: self.n_worst]:
+        for k in cand:
+            if len(out["worst"]) >= self.n_worst:
+                break
             im = by_ds_id[k]
             rec = rec_of.get(int(im["id"]))
             path = Path(rec.path) if rec is not None else root / str(im.get("file_name", ""))
@@ -254,10 +271,14 @@ class _Builder:
 
     # ----------------------------------------------------------------------- detectors
     def training(self, stage: str, title: str) -> dict | None:
+        """A training stage's section. A partial or failed one (killed, no results) shows its state, how it
+        goes on and its training log so far, and no numbers: its metrics.json is not there, or is not its."""
         d = self.root / stage
-        metrics = _read(d / "metrics.json")
+        status = self.status.get(stage)
+        finished = status is None or status["state"] in ("done", "stale")
+        metrics = _read(d / "metrics.json") if finished else None
         log = d / "metrics.jsonl"
-        if metrics is None and not log.is_file():
+        if metrics is None and not log.is_file() and (status is None or status["state"] == "missing"):
             return None
         metrics = metrics or {}
         rows = []
@@ -269,7 +290,8 @@ class _Builder:
                     continue
         random_init = self.mark_random(f"{stage}/metrics.json", metrics)
         ev = metrics.get("eval") or {}
-        out = {"stage": stage, "title": title, "iterations": metrics.get("iterations"),
+        out = {"stage": stage, "title": title, "status": status, "finished": finished,
+               "iterations": metrics.get("iterations"),
                "final_loss": metrics.get("final_loss"), "detector": metrics.get("detector"),
                "num_classes": metrics.get("num_classes"), "corloc": ev.get("corloc"), "AP50": ev.get("AP50"),
                "AP": ev.get("AP"), "AP75": ev.get("AP75"), "eval_images": ev.get("images"),
@@ -278,14 +300,15 @@ class _Builder:
         if rows:
             out["curves"] = self.rel(plots.training_curves(rows, self.img / f"{stage}_curves.png", title=title,
                                                            random_init=random_init))
-        for p in _pngs(d / "viz")[: min(6, self.max_pictures)]:
+        for p in _pngs(d / "viz")[: min(6, self.max_pictures)] if finished else []:
             out["pictures"].append({"src": self.copy(p, f"{stage}_viz_{p.name}"), "image_id": p.stem})
         if stage == "cag":  # evaluate-cag runs: cag/eval_<set>/metrics.json
             for e in sorted(p for p in d.glob("eval_*") if (p / "metrics.json").is_file()):
                 m = _read(e / "metrics.json") or {}
                 rnd = self.mark_random(f"{stage}/{e.name}/metrics.json", m)
                 mm = m.get("eval", m)
-                out["evaluations"].append({"name": e.name, "corloc": mm.get("corloc"), "AP50": mm.get("AP50"),
+                out["evaluations"].append({"name": e.name, "status": self.status.get(f"{stage}/{e.name}"),
+                                           "corloc": mm.get("corloc"), "AP50": mm.get("AP50"),
                                            "AP": mm.get("AP"), "images": mm.get("images"), "random_init": rnd})
         return out
 
@@ -295,6 +318,7 @@ class _Builder:
         if not d.is_dir():
             return []
         runs = {p.parent for p in d.rglob("metrics.json")} | {p.parent for p in d.rglob("pseudo_labels.json")}
+        runs = {r for r in runs if not any(part.startswith(".") for part in r.relative_to(d).parts)}  # .k20.new: work
         return sorted(runs, key=lambda p: _natural(p.relative_to(d).as_posix()))
 
     def cluster(self, d: Path) -> dict:
@@ -309,7 +333,8 @@ class _Builder:
             f"cluster/{name}/pseudo_labels.json", {"clustering": info.get("clustering"),
                                                    "random_init": info.get("random_init")})
         sizes = metrics.get("sizes") or info.get("sizes") or []
-        out = {"run": name, "k": metrics.get("k", info.get("k")), "boxes": metrics.get("boxes"),
+        out = {"run": name, "status": self.status.get(f"cluster/{name}"), "k": metrics.get("k", info.get("k")),
+               "boxes": metrics.get("boxes"),
                "inertia": metrics.get("inertia"), "sizes": sizes, "empty_clusters": metrics.get("empty_clusters"),
                "random_init": random_init, "is_result": not random_init, "sizes_plot": None, "galleries": [],
                "quality": None, "quality_from": None, "heatmap": None}
@@ -350,7 +375,8 @@ class _Builder:
         rnd = self.mark_random(f"cad/{d.name}/metrics.json", m)
         rows = [{"class": c, "cluster": v.get("cluster"), "AP50": v.get("AP50"), "AP75": v.get("AP75"),
                  "AP50:95": v.get("AP50:95")} for c, v in (m.get("per_class") or {}).items()]
-        return {"name": d.name, "gt": m.get("gt"), "images": m.get("n_images"), "detections": m.get("n_detections"),
+        return {"name": d.name, "status": self.status.get(f"cad/{d.name}"), "gt": m.get("gt"),
+                "images": m.get("n_images"), "detections": m.get("n_detections"),
                 "per_class": rows, "mean": m.get("mean") or {}, "matching": m.get("matching") or {},
                 "unmatched_clusters": m.get("unmatched_clusters") or [],
                 "unmatched_classes": m.get("unmatched_classes") or [],
@@ -378,6 +404,17 @@ def _draw(path: Path, box, gt_boxes, title: str):
     return finish_picture(pil, title, keys, skipped)
 
 
+def _unpicturable(coco: dict, failed: list) -> set[str]:
+    """Dataset ids of the images never shown as worst images: those the miner failed on (metrics.json's
+    ``failed_images``) and those without a size or under :data:`MIN_SIDE` px on a side (a 1x1 image)."""
+    out = {str(f["image_id"]) for f in failed if isinstance(f, dict) and f.get("image_id") is not None}
+    for im in coco.get("images") or []:
+        w, h = im.get("width"), im.get("height")
+        if w is None or h is None or min(w, h) < MIN_SIDE:
+            out.add(str(im.get("dataset_id", im["id"])))
+    return out
+
+
 def _has_outputs(root: Path) -> bool:
     return root.is_dir() and any((root / s).is_dir() for s in ("mine", "cag", "cluster", "cad")) or \
         any(p.is_dir() for p in root.glob("mine_*"))
@@ -385,13 +422,17 @@ def _has_outputs(root: Path) -> bool:
 
 def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                  dataset: dict | None = None, max_pictures: int = 12, n_worst: int = 4,
-                 title: str | None = None) -> dict:
+                 title: str | None = None, args: Sequence[str] | None = None,
+                 annotations_digest: str | None = None, n_images: int | None = None) -> dict:
     """Write ``out_dir`` (default ``root/report``): ``index.html``, ``summary.json`` and ``img/``.
 
     ``root``: ``<output_root>/<dataset>/<backbone>``. ``dataset``: the dataset config (``kind``, ``root``,
     ``image_set``, ``ann_file``, ``image_dir``, ``list_file``, ``max_images``) whose GT scores the pictures
     and clusters when the config recorded in an artifact no longer loads. ``max_pictures``: the first N
-    mining pictures; ``n_worst``: how many of the worst images are drawn besides. Returns the summary.
+    mining pictures; ``n_worst``: how many of the worst images are drawn besides. ``args``: the experiment's
+    ARGS (Hydra overrides), repeated in the commands the report suggests (None: ARGS naming the dataset,
+    backbone and output root); ``annotations_digest`` / ``n_images``: the dataset facts that decide the
+    stages' states (:func:`pipeline.status.dataset_facts`, as `make status`). Returns the summary.
     The folder is replaced as a whole (built next to it, then swapped in)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -404,7 +445,8 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     work = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        b = _Builder(root, work, dataset, max_pictures, n_worst)
+        facts = {"annotations_digest": annotations_digest, "n_images": n_images}
+        b = _Builder(root, work, dataset, max_pictures, n_worst, args, facts)
         prov = b.provenance()
         mining = [b.mining(d) for d in b.miner_dirs()]
         cag = b.training("cag", "train-cag (class-agnostic detector)")
