@@ -24,7 +24,7 @@ from pipeline.artifacts import (begin_replacement, commit_replacement, read_coco
                                 recover_replacement, write_json)
 from pipeline.provenance import random_init
 from pipeline.rerun import input_hashes, plan_rerun
-from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
+from stages.common import (StageError, Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
                            dataset_identity, resolve_device, run_guarded, to_container)
 from stages.config import stage_main
 
@@ -45,8 +45,6 @@ def _report(cfg: DictConfig) -> dict:
 
 def _input_path(cfg: DictConfig) -> Path:
     c = cfg.cluster
-    if c.source not in ("lost", "cag"):
-        raise SystemExit(f"cluster.source={c.source!r}: choose lost (mine stage boxes) or cag (detector boxes)")
     return Path(c.boxes) if c.boxes else Path(cfg.inputs.pseudo_boxes if c.source == "lost" else cfg.inputs.cag_detections)
 
 
@@ -63,14 +61,18 @@ def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
     results = read_json(path, "detections file", hint="Run `make train-cag` first, or set cluster.boxes=<file> "
                         "(COCO results json).")
     if not isinstance(results, list):
-        raise SystemExit(f"{path}: expected a COCO results list [{{image_id, bbox, score, ...}}, ...]")
+        raise StageError(f"{path}: expected a COCO results list [{{image_id, bbox, score, ...}}, ...]")
     records = build_dataset_from_cfg(cfg).records
     root = Path(records_root(records))
     try:
         coco = detections_to_boxes(results, records, root, float(cfg.cluster.score_threshold),
                                    info={"source_file": str(path)})
     except ValueError as e:
-        raise SystemExit(f"{path}: {e}") from None
+        raise StageError(f"{path}: {e}") from None
+    if results and not coco["annotations"]:
+        best = max(float(d["score"]) for d in results)
+        raise StageError(f"{path} holds {len(results):,} detections, but none scores >= cluster.score_threshold="
+                         f"{cfg.cluster.score_threshold} (the best scores {best:.2f}): lower cluster.score_threshold")
     return coco, root, path
 
 
@@ -148,9 +150,11 @@ def run(cfg: DictConfig) -> dict:
         return _redraw_galleries(cfg, stage_dir, plan.report_changes)
     coco, root, in_path = load_boxes(cfg)
     if not coco["annotations"]:
-        raise SystemExit(f"{in_path} holds no boxes to cluster.")
+        raise StageError(f"{in_path} holds no boxes to cluster.")
     if len(coco["annotations"]) < int(c.k):
-        raise SystemExit(f"cluster.k={c.k} but {in_path} holds only {len(coco['annotations'])} boxes: lower cluster.k.")
+        kept = f" scoring >= cluster.score_threshold={c.score_threshold}" if c.source == "cag" else ""
+        raise StageError(f"cluster.k={c.k} but {in_path} holds only {len(coco['annotations'])} boxes{kept}: lower "
+                         "cluster.k.")
     backbone = build_backbone_from_cfg(cfg, resolve_device(cfg.device))
     desc = backbone.describe()
     # FORCE writes beside the finished results and swaps them in when complete (a failed forced run loses
@@ -162,14 +166,14 @@ def run(cfg: DictConfig) -> dict:
                                  max_size=None if c.max_size is None else int(c.max_size))
     t_feat = time.time() - t0
     if len(feats.index) < int(c.k):
-        raise SystemExit(f"cluster.k={c.k} but only {len(feats.index)} boxes could be cropped "
+        raise StageError(f"cluster.k={c.k} but only {len(feats.index)} boxes could be cropped "
                          f"({len(feats.skipped)} skipped): lower cluster.k.")
     x = prepare_features(feats.features, whiten_features=bool(c.whiten), normalize=bool(c.l2_normalize))
     t0 = time.time()
     try:
         result = kmeans(x, int(c.k), seed=int(c.seed), n_init=int(c.n_init), iters=int(c.iters))
     except ValueError as e:  # the library names its parameters; here they are cluster.* keys
-        raise SystemExit(f"error: cluster.{e}") from None
+        raise StageError(f"cluster.{e}") from None
     t_km = time.time() - t0
 
     is_random = random_init(backbone=desc)

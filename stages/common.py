@@ -21,6 +21,11 @@ RANDOM_BANNER = """
 """
 
 
+class StageError(Exception):
+    """What a stage says when it cannot go on: one ``error:`` line (naming the config key, file or stage and
+    the fix) and exit code 2. Raised by the stages; :func:`run_guarded` prints it."""
+
+
 def to_container(cfg: DictConfig) -> dict:
     """The resolved config as plain dict (what manifests and artifact ``info`` record)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -36,12 +41,12 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise SystemExit(f"error: device={name} is not a device: use device=auto, cpu, cuda or cuda:N")
+        raise StageError(f"device={name} is not a device: use device=auto, cpu, cuda or cuda:N")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit(f"error: device={name} requested but no CUDA device is visible. Use device=cpu.")
+            raise StageError(f"device={name} requested but no CUDA device is visible. Use device=cpu.")
         if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise SystemExit(f"error: device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
+            raise StageError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
     return name
 
 
@@ -118,6 +123,13 @@ def build_dataset_from_cfg(cfg: DictConfig, quiet: bool = False):
     if getattr(ds, "skipped_hidden", 0) and not quiet:
         print(f"{ds.name}: skipped {ds.skipped_hidden} hidden file(s) (names or folders starting with '.', e.g. "
               "the ._ files macOS leaves on shared drives)", flush=True)
+    other = getattr(ds, "skipped_unsupported", None)
+    if other and not quiet:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in other.items())
+        from pipeline.data.folder import IMAGE_EXTENSIONS
+
+        print(f"{ds.name}: skipped {sum(other.values())} file(s) that are not images of a supported kind ({kinds}); "
+              f"supported: {' '.join(IMAGE_EXTENSIONS)} (convert the others to PNG or JPEG to mine them)", flush=True)
     return ds
 
 
@@ -128,11 +140,6 @@ class Timer:
     @property
     def elapsed(self) -> float:
         return time.time() - self.start
-
-
-class StageError(Exception):
-    """What a stage says when it cannot go on: one ``error:`` line (naming the config key, file or stage and
-    the fix) and exit code 2. Raised by the stages; :func:`run_guarded` prints it."""
 
 
 def run_guarded(fn, cfg: DictConfig) -> Any:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json, write_json, write_text
 from stages.config import stage_main
-from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
+from stages.common import StageError, Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
 
 
 def load_gt(cfg: DictConfig):
@@ -32,7 +32,7 @@ def load_gt(cfg: DictConfig):
         return ds.records, ds.class_names, str(gt)
     ds = build_dataset_from_cfg(cfg)
     if not ds.has_gt or not ds.class_names:
-        raise SystemExit(f"dataset {cfg.dataset.name} has no class labels to evaluate against; choose a labelled "
+        raise StageError(f"dataset {cfg.dataset.name} has no class labels to evaluate against; choose a labelled "
                          "dataset (e.g. dataset=voc07 dataset.image_set=test) or pass evaluate_cad.gt=<COCO instances json>.")
     return ds.records, ds.class_names, f"{cfg.dataset.name}:{cfg.dataset.get('image_set')}"
 
@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
     dets = read_json(det_path, "detections file", hint="Run `make train-cad` first, or pass "
                      "evaluate_cad.detections=<COCO results json>.")
     if not isinstance(dets, list):
-        raise SystemExit(f"{det_path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
+        raise StageError(f"{det_path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
     e = cfg.evaluate_cad
     k = e.num_clusters
     names = {int(c): n for c, n in ((inferred or {}).get("category_names") or {}).items()}
@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
                                  voc_difficult=str(e.voc_difficult), crowd_is_difficult=bool(e.gt_crowd_is_difficult),
                                  iou_thresholds=list(e.iou_thresholds))
     except ValueError as e:
-        raise SystemExit(f"{det_path}: {e}") from None
+        raise StageError(f"{det_path}: {e}") from None
     res.update({"detections": str(det_path), "gt": gt_desc})
     if inferred is not None:
         res["inference"] = inferred

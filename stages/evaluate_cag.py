@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pipeline.artifacts import write_json
-from stages.common import Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
+from stages.common import StageError, Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
 from stages.config import stage_main
 from stages.detector_common import detect_score_draw, format_eval, warn_if_random
 
@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> dict:
     warn_if_random(spec, model_path, random_init)
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
-        raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
+        raise StageError(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
     out = Path(cfg.stage_dir)
     ev = detect_score_draw(model, dataset.records, out, category_ids=spec.category_ids,
                            mode=ap_mode(cfg.dataset.kind), voc_difficult=str(cfg.eval.voc_difficult),

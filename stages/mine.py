@@ -25,17 +25,33 @@ from pipeline.data.paths import records_root
 from pipeline.journal import JournalMismatch
 from pipeline.mining import MiningRun, all_boxes, first_boxes, mine_images, shard_indices
 from pipeline.provenance import random_init
-from pipeline.rerun import Rerun, plan_rerun
-from stages.common import (Timer, build_backbone_from_cfg, build_dataset_from_cfg, dataset_identity,
+from pipeline.rerun import plan_rerun
+from stages.common import (StageError, Timer, build_backbone_from_cfg, build_dataset_from_cfg, dataset_identity,
                            resolve_device, run_guarded, to_container)
 from stages.config import stage_main
 
 OUTPUTS = ("pseudo_boxes.json", "metrics.json")
 
 
-def _artifact(cfg: DictConfig) -> dict:
-    """What decides the boxes (the image list is per image: a grown set is not a new configuration)."""
-    return {"dataset": dataset_identity(cfg), "backbone": to_container(cfg.backbone),
+def _backbone_cfg(cfg: DictConfig, backbone) -> dict:
+    """The backbone settings with ``init`` as built: ``backbone.init=auto`` (``make demo``) is the pretrained
+    or the random model it resolved to, so a plain ``make mine`` (pretrained) of the same model is the same
+    configuration."""
+    return {**to_container(cfg.backbone), "init": backbone.init}
+
+
+def _found_weights_now(cfg: DictConfig, stage_dir: Path, backbone) -> bool:
+    """``backbone.init=auto`` fell back to random weights last time and found the real ones now: the demo
+    redoes its boxes with them (as if forced) instead of refusing the changed init."""
+    if cfg.backbone.init != "auto" or backbone.init != "pretrained" or not (stage_dir / "metrics.json").is_file():
+        return False
+    return bool(read_json(stage_dir / "metrics.json").get("random_init"))
+
+
+def _artifact(cfg: DictConfig, backbone_cfg: dict) -> dict:
+    """What decides the boxes (the image list is per image: a grown set is not a new configuration);
+    ``backbone_cfg``: :func:`_backbone_cfg`."""
+    return {"dataset": dataset_identity(cfg), "backbone": backbone_cfg,
             "miner": to_container(cfg.miner), "num_shards": int(cfg.mine.num_shards)}
 
 
@@ -43,9 +59,9 @@ def _report(cfg: DictConfig) -> dict:
     return {"viz": {"num_images": int(cfg.viz.num_images), "contact_sheet": int(cfg.viz.contact_sheet)}}
 
 
-def _info(cfg: DictConfig, backbone_desc: dict, root: str) -> dict:
+def _info(cfg: DictConfig, backbone, root: str) -> dict:
     """What produced the boxes; identical for every shard of a run (it goes into pseudo_boxes.json)."""
-    miner = to_container(cfg.miner)
+    miner, backbone_desc = to_container(cfg.miner), backbone.describe()
     return {
         "description": f"{cfg.miner.name} pseudo-boxes",
         "method": str(cfg.miner.name),
@@ -56,7 +72,7 @@ def _info(cfg: DictConfig, backbone_desc: dict, root: str) -> dict:
         "weights_sha256": backbone_desc.get("weights_sha256"),
         "dataset": str(cfg.dataset.name),
         "image_root": root,
-        "config": {"dataset": dataset_identity(cfg), "backbone": to_container(cfg.backbone), "miner": miner},
+        "config": {"dataset": dataset_identity(cfg), "backbone": _backbone_cfg(cfg, backbone), "miner": miner},
     }
 
 
@@ -236,7 +252,7 @@ def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, info: dict, 
 
     write_manifest(stage_dir, stage="mine", config=to_container(cfg), start_time=timer.start, end_time=time.time(),
                    weights_sha256=info.get("weights_sha256"),
-                   extra={"num_shards": int(cfg.mine.num_shards), "images": n_images, "artifact": _artifact(cfg),
+                   extra={"num_shards": int(cfg.mine.num_shards), "images": n_images, "artifact": _artifact(cfg, info["config"]["backbone"]),
                           "report": _report(cfg), "random_init": info["random_init"],
                           "annotations_digest": annotations_digest(dataset.records) if dataset.has_gt else None})
 
@@ -271,7 +287,7 @@ def _merge_only(cfg: DictConfig, dataset, timer: Timer) -> dict:
     run = MiningRun.from_results(src, int(cfg.mine.num_shards))
     rows = run.collect(dataset.records)
     if rows is None:
-        raise SystemExit(f"not every shard of {run.results_dir} is complete yet; run the missing shards "
+        raise StageError(f"not every shard of {run.results_dir} is complete yet; run the missing shards "
                          f"(mine.shard=I mine.num_shards={run.num_shards}) and merge again.")
     return finalize(cfg, run, dataset, rows, timer, {}, [])
 
@@ -284,24 +300,22 @@ def run(cfg: DictConfig) -> dict | None:
     recover_replacement(stage_dir)
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
-        raise SystemExit(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
+        raise StageError(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")
     if cfg.mine.merge_only:
         return _merge_only(cfg, dataset, timer)
-    plan = plan_rerun(stage_dir, stage="mine", artifact=_artifact(cfg), report=_report(cfg), outputs=OUTPUTS,
-                      force=bool(cfg.force))
-    metrics = read_json(stage_dir / "metrics.json") if plan.action != "run" else None
-    if metrics is not None and cfg.backbone.init == "auto" and metrics.get("random_init"):
-        plan = Rerun("run")  # backbone.init=auto fell back to random weights last time: look for them again
-
     device = resolve_device(cfg.device)
-    backbone = build_backbone_from_cfg(cfg, device)
-    info = _info(cfg, backbone.describe(), records_root(dataset.records))
+    backbone = build_backbone_from_cfg(cfg, device)  # first: the results depend on the init it resolved to
+    force = bool(cfg.force) or _found_weights_now(cfg, stage_dir, backbone)
+    plan = plan_rerun(stage_dir, stage="mine", artifact=_artifact(cfg, _backbone_cfg(cfg, backbone)), report=_report(cfg),
+                      outputs=OUTPUTS, force=force)
+    metrics = read_json(stage_dir / "metrics.json") if plan.action != "run" else None
+    info = _info(cfg, backbone, records_root(dataset.records))
     miner = build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
     # FORCE mines beside the finished results and swaps them in when complete (finalize): a forced run that
     # fails or is killed leaves them whole, and the same command continues what it had mined.
-    work = begin_replacement(stage_dir, keep=True) if cfg.force else stage_dir
+    work = begin_replacement(stage_dir, keep=True) if force else stage_dir
     run = MiningRun(work, info, shard=int(cfg.mine.shard), num_shards=int(cfg.mine.num_shards))
-    if cfg.force:
+    if force:
         try:
             run.journal  # noqa: B018 - what a killed forced run of this configuration mined is continued
         except JournalMismatch:

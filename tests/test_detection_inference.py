@@ -83,10 +83,13 @@ def test_detection_pictures_mark_the_top_box(tmp_path):
              "labels": np.array([1, 1])}]
     paths = write_detection_pictures(dets, recs, tmp_path / "pics", num_images=5)
     assert [p.name for p in paths] == ["im0.png"]  # im1 has no detections entry
+    from pipeline.viz import style
+
     a = np.asarray(Image.open(paths[0]))
-    assert a.shape == (30, 40, 3)
-    assert tuple(a[20, 20]) == (255, 40, 40)  # the top box (0.9) is drawn, in red
-    assert tuple(a[20, 2]) == (0, 0, 0)  # the 0.2 box is below min_score: not drawn
+    top = style.TITLE_BAND  # a picture this small gets its title above it and a legend line below
+    assert a.shape[0] == top + 30 + style.LEGEND_BAND and a.shape[1] >= 40
+    assert tuple(a[top + 20, 20]) == (255, 40, 40)  # the top box (0.9) is drawn, in red
+    assert tuple(a[top + 20, 2]) == (0, 0, 0)  # the 0.2 box is below min_score: not drawn
 
 
 def test_detections_json_keeps_full_score_precision():

@@ -187,7 +187,11 @@ def test_draw_cut_with_several_boxes():
     F, _ = planted_objects(RECTS)
     res = maskcut(F, (H_, W_), 16, (H_ * 16 - 7, W_ * 16 - 9))
     pic = draw_cut(np.zeros((H_ * 16 - 7, W_ * 16 - 9, 3), dtype=np.uint8), res, 16, title="maskcut")
-    assert pic.size == (3 * (W_ * 16 - 9) + 12, H_ * 16 - 7)
+    from pipeline.viz import style
+    from pipeline.viz.cut import panel_zoom
+
+    k = panel_zoom(H_ * 16 - 7, W_ * 16 - 9)  # small panels are enlarged by a whole factor (readable)
+    assert k == 2 and pic.size == (3 * (W_ * 16 - 9) * k + 12, (H_ * 16 - 7) * k + style.LEGEND_BAND)
     # the first box is drawn in red on the left panel (its bottom edge; the seed square may touch the top)
     x1, y2 = int(res.box[0]), int(res.box[3])
-    assert pic.getpixel((x1 + 20, y2 - 1)) == (255, 40, 40)
+    assert pic.getpixel((k * (x1 + 20), k * y2 - 1)) == (255, 40, 40)

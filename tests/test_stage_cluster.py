@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline.artifacts import coco_boxes_dataset, write_json
 from stage_utils import compose_cfg, run_cli
+from stages.common import StageError
 
 FAST = ["backbone.init=random", "progress=false", "cluster.short_side=32", "cluster.n_init=2"]
 
@@ -85,8 +86,26 @@ def test_missing_input_and_too_large_k_are_clear(tmp_path, mined, capsys):
     assert e.value.code == 2
     assert "pseudo_boxes.json" in capsys.readouterr().err
     out, _ = mined
-    with pytest.raises(SystemExit, match="lower cluster.k"):
+    with pytest.raises(StageError, match="lower cluster.k"):
         _cluster(out, "cluster.k=11")
+
+
+def test_a_threshold_above_every_detection_says_so(tmp_path, capsys):
+    """Detections exist but score below cluster.score_threshold: say how many and the best score, not "no boxes"."""
+    from stages.cluster import run
+    from stages.common import run_guarded
+
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10 + i, 10], "score": s}
+            for i, s in enumerate([0.2, 0.49, 0.3])]
+    write_json(tmp_path / "dets.json", dets)
+    cfg = compose_cfg("cluster", [f"paths.output_root={tmp_path}", *FAST, "cluster.source=cag",
+                                  f"cluster.boxes={tmp_path / 'dets.json'}", "cluster.score_threshold=0.7"])
+    with pytest.raises(SystemExit) as e:
+        run_guarded(run, cfg)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == (f"error: {tmp_path / 'dets.json'} holds 3 detections, but none scores >= "
+                                         "cluster.score_threshold=0.7 (the best scores 0.49): lower "
+                                         "cluster.score_threshold")
 
 
 @pytest.mark.slow

@@ -133,6 +133,7 @@ def test_report_only_rerun_redraws_pictures_and_keeps_boxes(tmp_path, capsys):
     _, again = _mine(tmp_path, *folder, "viz.num_images=3")
     out = capsys.readouterr().out
     assert "only report settings changed" in out and "viz.num_images: 1 -> 3" in out
+    assert "this run mined" not in out  # a picture-only redraw mines nothing and says nothing of it
     assert len(list((stage / "viz").glob("*.png"))) == 3
     assert (stage / "pseudo_boxes.json").read_bytes() == boxes
     assert (stage / "results").iterdir().__next__().read_bytes() == journal  # nothing re-mined
@@ -215,3 +216,47 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path, capsys, monke
     monkeypatch.setattr(mining, "make_row", real)
     m = run(cfg)
     assert m["resumed"] == 1 and m["computed_this_run"] == 2
+
+
+def test_plain_mine_after_a_demo_that_found_the_weights_is_up_to_date(tmp_path, capsys):
+    """`make demo` (backbone.init=auto) that found the weights, then a plain `make mine` (pretrained) of the same
+    model: the same configuration, not "changed: backbone.init: auto -> pretrained"."""
+    import torch
+
+    from pipeline.backbones import build_backbone
+
+    weights = tmp_path / "vits16.pth"
+    torch.save(build_backbone("dino_vits16", init="random", seed=3).model.state_dict(), weights)
+    src = _folder(tmp_path, 2)
+    common = ["dataset=folder", f"dataset.root={src}", f"backbone.weights={weights}", "viz.num_images=0"]
+    cfg = compose_cfg("mine", [f"paths.output_root={tmp_path}", "num_workers=0", "progress=false", *common])
+    from stages.mine import run
+
+    m = run(compose_cfg("mine", [f"paths.output_root={tmp_path}", "num_workers=0", "progress=false",
+                                 "backbone.init=auto", *common]))
+    assert m["random_init"] is False
+    capsys.readouterr()
+    assert run(cfg) == m and "is up to date" in capsys.readouterr().out
+
+
+def test_folder_messages_name_what_was_left_out(tmp_path):
+    src = _folder(tmp_path, 2)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src / "anim.gif")
+    (src / "notes.txt").write_text("x")
+    p = run_cli("stages.mine", [f"paths.output_root={tmp_path}", *FAST, "dataset=folder", f"dataset.root={src}",
+                                "viz.num_images=0"])
+    assert "skipped 2 file(s) that are not images of a supported kind (1 .gif, 1 .txt)" in p.stdout
+    p = run_cli("stages.mine", [f"paths.output_root={tmp_path}", *FAST, "dataset=folder",
+                                f"dataset.root={src / 'im0.png'}"], check=False)
+    assert p.returncode == 2 and p.stderr.strip() == (f"error: {src / 'im0.png'} is a file, not a folder of images: "
+                                                      f"give the folder that holds it ({src}).")
+
+
+def test_the_shard_that_completes_a_set_without_merging_says_so(tmp_path, capsys):
+    src = _folder(tmp_path, 2)
+    common = ["dataset=folder", f"dataset.root={src}", "viz.num_images=0", "mine.num_shards=2", "mine.merge=false"]
+    assert _mine(tmp_path, *common, "mine.shard=0")[1] is None
+    assert "Waiting for the other shards" in capsys.readouterr().out
+    assert _mine(tmp_path, *common, "mine.shard=1")[1] is None
+    out = capsys.readouterr().out
+    assert "every shard of" in out and "is complete; mine.merge=false, so `make merge` writes pseudo_boxes.json" in out

@@ -309,7 +309,11 @@ def test_draw_cut_picture():
     image = np.full((60, 75, 3), 128, dtype=np.uint8)
     for res in (tokencut(F, (4, 5), 16, (60, 75), max_boxes=2), tokencut(torch.ones(20, 2), (4, 5), 16, (60, 75))):
         pic = draw_cut(image, res, 16, gt_boxes=[[10, 10, 40, 40]], title="tokencut")
-        assert pic.size == (3 * 75 + 2 * 6, 60) and pic.mode == "RGB"
+        from pipeline.viz import style
+        from pipeline.viz.cut import panel_zoom
+
+        k = panel_zoom(60, 75)
+        assert pic.size == (3 * 75 * k + 2 * 6, 60 * k + style.LEGEND_BAND) and pic.mode == "RGB"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -22,18 +22,24 @@ def load_folder(root: str | os.PathLike, name: str | None = None, max_images: in
     """Every image file under ``root`` (recursive, sorted by relative path); no ground truth.
 
     Hidden files and folders (a name starting with ``.``, e.g. the ``._IMG_1.JPG`` resource forks macOS
-    leaves on USB disks, or ``.thumbnails/``) are skipped and counted in ``Dataset.skipped_hidden``."""
+    leaves on USB disks, or ``.thumbnails/``) are skipped and counted in ``Dataset.skipped_hidden``; other files
+    that are no image of a supported kind (a GIF, a text file) in ``Dataset.skipped_unsupported``."""
     root = Path(root).expanduser()
+    if root.is_file():
+        raise DatasetError(f"{root} is a file, not a folder of images: give the folder that holds it "
+                           f"({root.parent}).")
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}. Set dataset.root=<folder of images>.")
-    files, hidden = [], 0
+    files, hidden, unsupported = [], 0, {}
     for p in root.rglob("*"):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+        if not p.is_file():
             continue
         if is_hidden(p.relative_to(root)):
-            hidden += 1
-        else:
+            hidden += p.suffix.lower() in IMAGE_EXTENSIONS
+        elif p.suffix.lower() in IMAGE_EXTENSIONS:
             files.append(p)
+        else:  # said, not silently dropped (a GIF, a HEIC...): the stage prints the count per suffix
+            unsupported[p.suffix.lower() or "(none)"] = unsupported.get(p.suffix.lower() or "(none)", 0) + 1
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:
         also = f" ({hidden} hidden image files skipped: names or folders starting with '.')" if hidden else ""
@@ -42,7 +48,8 @@ def load_folder(root: str | os.PathLike, name: str | None = None, max_images: in
         files = files[:max_images]
     records = [ImageRecord(image_id=p.relative_to(root).as_posix(), coco_id=i, path=str(p), has_gt=False)
                for i, p in enumerate(files, start=1)]
-    return Dataset(name=name or "folder", records=records, class_names=[], root=str(root), skipped_hidden=hidden)
+    return Dataset(name=name or "folder", records=records, class_names=[], root=str(root), skipped_hidden=hidden,
+                   skipped_unsupported=dict(sorted(unsupported.items())))
 
 
 def load_demo(name: str | None = None, max_images: int | None = None) -> Dataset:

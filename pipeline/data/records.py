@@ -62,6 +62,8 @@ class Dataset:
     class_names: list[str] = field(default_factory=list)
     root: str = ""
     skipped_hidden: int = 0  # image folders: hidden image files (names/folders starting with ".") left out
+    #: image folders: files left out because they are no image of a supported kind, by suffix ({".gif": 2})
+    skipped_unsupported: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
