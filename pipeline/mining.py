@@ -102,7 +102,7 @@ class MiningRun:
 
     def to_coco(self, rows: Sequence[dict]) -> dict:
         """Rows -> the COCO ``pseudo_boxes.json`` dict: one annotation per box with its ``score`` and ``rank``
-        (file names relative to ``info.image_root``)."""
+        (file names relative to ``info.image_root``); an image mining failed on carries its ``mining_error``."""
         from pipeline.artifacts import coco_boxes_dataset
 
         root = self.info["image_root"]
@@ -110,6 +110,8 @@ class MiningRun:
         for r in rows:
             images.append({"id": int(r["coco_id"]), "file_name": os.path.relpath(r["path"], root),
                            "width": r["width"], "height": r["height"], "dataset_id": r["image_id"]})
+            if r["error"] is not None:  # later stages leave it out (no detector runs on an image mining failed on)
+                images[-1]["mining_error"] = r["error"]
             for rank, (box, score) in enumerate(zip(r["boxes"], r["scores"])):
                 ann = {"image_id": int(r["coco_id"]), "bbox_xyxy": box, "category_id": 1, "score": score,
                        "rank": rank}

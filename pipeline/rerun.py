@@ -39,6 +39,17 @@ def diff_values(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.') or '<root>'}: {short(old)} -> {short(new)}"]
 
 
+def explain_changes(changes: Sequence[str], inputs: dict[str, str] | None) -> list[str]:
+    """``changes`` (``key: old -> new``) with each changed input hash replaced by what it means: ``inputs``
+    maps the dotted key of an input's sha256 (``input_sha256``, ``input.boxes``) to the input's description
+    (its file and the step that writes it), so the user reads which upstream result changed, not two hashes."""
+    out = []
+    for c in changes:
+        key = c.split(": ", 1)[0]
+        out.append(f"{inputs[key]} changed since" if inputs and key in inputs else c)
+    return out
+
+
 def format_changes(changes: Sequence[str], most: int = 6) -> str:
     more = f"; and {len(changes) - most} more" if len(changes) > most else ""
     return "; ".join(changes[:most]) + more
@@ -51,12 +62,13 @@ class Rerun:
 
 
 def plan_rerun(stage_dir: str | os.PathLike, *, stage: str, artifact: dict, report: dict,
-               outputs: Sequence[str], force: bool) -> Rerun:
+               outputs: Sequence[str], force: bool, inputs: dict[str, str] | None = None) -> Rerun:
     """Decide what a run of ``stage`` does in ``stage_dir`` (see the module docstring).
 
     ``artifact`` and ``report`` are JSON-able dicts of the settings (input hashes included in
-    ``artifact``). A stage whose ``outputs`` are not all there has no finished results: ``run`` (the
-    stage's own journal or checkpoint decides whether it resumes)."""
+    ``artifact``; ``inputs`` describes them for messages, :func:`explain_changes`). A stage whose ``outputs``
+    are not all there has no finished results: ``run`` (the stage's own journal or checkpoint decides whether
+    it resumes)."""
     stage_dir = Path(stage_dir)
     if force:
         return Rerun("run")
@@ -71,7 +83,7 @@ def plan_rerun(stage_dir: str | os.PathLike, *, stage: str, artifact: dict, repo
     if "artifact" not in man:
         raise RerunRefused(f"{stage}: {stage_dir} holds results whose settings are not recorded (an older version "
                            "or a damaged manifest.json); rerun with FORCE=1 (force=true) to replace them.")
-    changed = diff_values(man["artifact"], artifact)
+    changed = explain_changes(diff_values(man["artifact"], artifact), inputs)
     if changed:
         raise RerunRefused(f"{stage}: {stage_dir} holds finished results of a different configuration (changed: "
                            f"{format_changes(changed)}). Rerun with FORCE=1 (force=true) to replace them, or restore "

@@ -140,7 +140,9 @@ def run(cfg: DictConfig) -> dict:
     stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.dirs.cluster_features)
     recover_replacement(stage_dir)
     in_path = _input_path(cfg)
+    producer = "" if c.boxes else (" (written by `make mine`)" if c.source == "lost" else " (written by `make train-cag`)")
     plan = plan_rerun(stage_dir, stage="cluster", artifact=_artifact(cfg, in_path), report=_report(cfg),
+                      inputs={"input.boxes": f"the input {in_path}{producer}"},
                       outputs=OUTPUTS, force=bool(cfg.force))
     if plan.action == "skip":
         print(f"cluster: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "

@@ -31,6 +31,7 @@ def run(cfg: DictConfig) -> dict | None:
     return run_training(cfg, stage="train_cad", section="train_cad", in_path=path, what="pseudo-label file",
                         hint="Run `make cluster` (python -m stages.cluster) first, pick its run with "
                              "train_cad.cluster_run=<source>/k<K>, or set train_cad.labels=<COCO json>.",
+                        producer="" if c.get("labels") else " (written by `make cluster`)",
                         class_agnostic=False, artifact_keys=ARTIFACT_KEYS)
 
 

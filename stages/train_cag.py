@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> dict | None:
     return run_training(cfg, stage="train_cag", section="train_cag", in_path=path, what="pseudo-box file",
                         hint="Run `make mine` (python -m stages.mine) with the same dataset/backbone first, or "
                              "set train_cag.boxes=<COCO json>.",
+                        producer="" if c.get("boxes") else " (written by `make mine`)",
                         class_agnostic=True, artifact_keys=ARTIFACT_KEYS)
 
 

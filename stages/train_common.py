@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import (ArtifactError, begin_replacement, commit_replacement, read_coco_boxes, read_json,
                                 recover_replacement, replacement_dir, write_json)
-from pipeline.rerun import diff_values, format_changes, plan_rerun
+from pipeline.rerun import diff_values, explain_changes, format_changes, plan_rerun
 from stages.common import (Timer, build_dataset_from_cfg, coco_image_root, dataset_identity,
                            export_submitit_distributed_env, resolve_device, to_container, warn_random)
 from stages.detector_common import detect_score_draw, format_eval
@@ -64,15 +64,19 @@ def detector_build_kwargs(cfg: DictConfig, num_classes: int) -> dict:
             "seed": int(cfg.seed)}
 
 
-def training_set_records(cfg: DictConfig, coco: dict, root: Path) -> tuple[list, int]:
+def training_set_records(cfg: DictConfig, coco: dict, root: Path) -> tuple[list, int, int]:
     """ImageRecords of the json's images that exist on disk, with the configured dataset's GT where the
-    record has the same coco_id and path; (records, number of images missing on disk)."""
+    record has the same coco_id and path; (records, images missing on disk, images left out because mining
+    failed on them: ``mining_error``, unreadable or smaller than a patch; no detector runs on them)."""
     from pipeline.data.records import ImageRecord
     from pipeline.data.paths import resolve_image_path
 
     gt = {int(r.coco_id): r for r in build_dataset_from_cfg(cfg).records if r.has_gt}
-    out, missing = [], 0
+    out, missing, failed = [], 0, 0
     for im in coco["images"]:
+        if im.get("mining_error"):
+            failed += 1
+            continue
         p = resolve_image_path(str(im["file_name"]), root)
         if not p.is_file():
             missing += 1
@@ -83,7 +87,7 @@ def training_set_records(cfg: DictConfig, coco: dict, root: Path) -> tuple[list,
         else:
             out.append(ImageRecord(str(im.get("dataset_id") or im["file_name"]), int(im["id"]), str(p),
                                    im.get("width"), im.get("height"), has_gt=False))
-    return out, missing
+    return out, missing, failed
 
 
 def _device(cfg: DictConfig, world: int) -> str:
@@ -112,7 +116,7 @@ def report_config(cfg: DictConfig) -> dict:
     return {k: _plain(OmegaConf.select(cfg, k)) for k in REPORT_KEYS}
 
 
-def decide(ckpt_path: Path, artifact: dict, *, resume: bool, section: str) -> str:
+def decide(ckpt_path: Path, artifact: dict, *, resume: bool, section: str, inputs: dict | None = None) -> str:
     """What to do with an existing ``model.pt`` given this run's artifact config: ``"train"`` (none there),
     ``"resume"`` (partial, ``resume=true``, same artifact config) or ``"report"`` (complete, same artifact
     config: only inference/evaluation/pictures are redone). Anything else is an :class:`ArtifactError`
@@ -122,7 +126,7 @@ def decide(ckpt_path: Path, artifact: dict, *, resume: bool, section: str) -> st
     if not ckpt_path.is_file():
         return "train"
     ckpt = read_checkpoint(ckpt_path, mmap=True)
-    changes = diff_values(ckpt.get("artifact_config") or {}, artifact)
+    changes = explain_changes(diff_values(ckpt.get("artifact_config") or {}, artifact), inputs)
     done, target = int(ckpt.get("iteration", 0)), (ckpt.get("schedule") or {}).get("iterations")
     del ckpt
     if changes:
@@ -158,9 +162,10 @@ def _previous_training(stage_dir: Path, iteration: int) -> dict:
 
 
 def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, what: str, hint: str,
-                 class_agnostic: bool, artifact_keys: Sequence[str]) -> dict | None:
+                 class_agnostic: bool, artifact_keys: Sequence[str], producer: str = "") -> dict | None:
     """The whole train-cag / train-cad stage (see the module docstring). None on ranks > 0 and when the
-    run stopped early (``<section>.stop_after``)."""
+    run stopped early (``<section>.stop_after``). ``producer`` says which step writes ``in_path`` (for the
+    message when it changed: " (written by `make mine`)")."""
     import torch.distributed as dist
 
     from pipeline.artifacts import write_manifest
@@ -184,7 +189,9 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
     coco = read_coco_boxes(in_path, what, hint)
     artifact, report = artifact_config(cfg, artifact_keys, in_path), report_config(cfg)
     outputs = ("model.pt", "metrics.json") + (("detections.json",) if cfg.eval.enabled else ())
-    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs, force=bool(cfg.force))
+    inputs = {"input_sha256": f"the input {in_path}{producer}"}
+    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs, force=bool(cfg.force),
+                      inputs=inputs)
     if plan.action == "skip":
         if rank == 0:
             print(f"{stage}: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "
@@ -199,7 +206,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
         dist.barrier()
     ckpt_path = out_dir / "model.pt"
     try:
-        mode = decide(ckpt_path, artifact, resume=bool(sec.resume), section=section)
+        mode = decide(ckpt_path, artifact, resume=bool(sec.resume), section=section, inputs=inputs)
     except ArtifactError:
         if not cfg.force:
             raise
@@ -214,7 +221,8 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
                                    min_box_size=float(sec.min_box_size), what=what, hint=hint)
     except ValueError as e:  # empty file, nothing trainable: one clear line, exit 2
         raise ArtifactError(str(e)) from None
-    eval_records, eval_missing = training_set_records(cfg, coco, root) if cfg.eval.enabled and rank == 0 else ([], 0)
+    eval_records, eval_missing, eval_failed = training_set_records(cfg, coco, root) if cfg.eval.enabled and rank == 0 \
+        else ([], 0, 0)
     device = _device(cfg, world)
     if mode != "report":  # before minutes of set-up and a silent kill by the kernel
         from pipeline.detection.memory import check_train_memory
@@ -274,7 +282,7 @@ def run_training(cfg: DictConfig, *, stage: str, section: str, in_path: Path, wh
                                device=device, batch_size=int(cfg.eval.batch_size), progress=bool(cfg.progress),
                                viz_images=int(cfg.viz.num_images), viz_min_score=float(cfg.viz.min_score),
                                random_init=metrics["random_init"])
-        metrics["eval"] = {**ev, "images_missing": eval_missing}
+        metrics["eval"] = {**ev, "images_missing": eval_missing, "images_failed_in_mining": eval_failed}
     write_json(out_dir / "metrics.json", metrics)
     write_manifest(out_dir, stage=stage, config=to_container(cfg), inputs={section_input(section): in_path},
                    weights_sha256=spec.weights_sha256, start_time=timer.start, end_time=time.time(),
@@ -303,6 +311,9 @@ def print_summary(stage: str, stage_dir: Path, m: dict) -> None:
     for p in m["missing_images"][:5]:
         lines.append(f"  missing: {p}")
     if "eval" in m:
+        if m["eval"].get("images_failed_in_mining"):
+            lines.append(f"left out of the detection pass: {m['eval']['images_failed_in_mining']} image(s) mining "
+                         "failed on (listed in the mine stage's metrics.json)")
         lines += format_eval(m["eval"], m["random_init"])
     made = ["metrics.json", "manifest.json"] if m.get("model_reused") else \
         ["model.pt", "metrics.jsonl", "metrics.json", "manifest.json"]

@@ -200,6 +200,26 @@ def test_a_forced_retraining_replaces_the_model_only_when_it_is_complete(trained
     assert ck["iteration"] == 4 and ck["artifact_config"]["schedule"]["lr"] == 0.01
 
 
+def test_a_changed_input_is_named_by_its_file_and_the_step_that_writes_it(trained, voc07_mini, tmp_path, capsys):
+    """Re-mined boxes under a finished train-cag: the refusal names pseudo_boxes.json and `make mine`, not two
+    sha256 values."""
+    import shutil
+
+    from stages.common import run_guarded
+    from stages.train_cag import run
+
+    shutil.copytree(trained["out"], tmp_path / "o")
+    data = _data(voc07_mini, tmp_path / "o")
+    boxes = tmp_path / "o" / "voc07" / "dino_vits16" / "mine" / "pseudo_boxes.json"
+    coco = json.loads(boxes.read_text())
+    coco["annotations"][0]["bbox"][2] -= 1
+    boxes.write_text(json.dumps(coco))
+    with pytest.raises(SystemExit):
+        run_guarded(run, compose_cfg("train_cag", [*data, *DET]))
+    err = capsys.readouterr().err
+    assert f"the input {boxes} (written by `make mine`) changed since" in err and "input_sha256" not in err, err
+
+
 def test_stop_and_resume_continues_exactly(trained, tmp_path):
     """Stopped after 2 iterations, resumed: the same model as the uninterrupted fixture run."""
     boxes = trained["base"] / "mine" / "pseudo_boxes.json"
@@ -439,8 +459,10 @@ def test_corrupt_and_hidden_files_go_through_every_stage(tmp_path, capsys):
     assert m["images"] == 4 and m["failures"] == 1 and m["failed_images"][0]["path"].endswith("broken.jpg")
     assert "skipped 1 hidden file" in capsys.readouterr().out
     _, cag = _train_cag(data)
-    bad = cag["eval"]["unreadable_images"]
-    assert [b["path"].endswith("broken.jpg") for b in bad] == [True] and cag["eval"]["images"] == 4
+    # the image mining failed on is not run through the detector either (nor drawn)
+    assert cag["eval"]["unreadable_images"] == [] and cag["eval"]["images"] == 3
+    assert cag["eval"]["images_failed_in_mining"] == 1
+    assert "left out of the detection pass: 1 image(s) mining failed on" in capsys.readouterr().out
     ev = evaluate_cag(compose_cfg("evaluate_cag", [*data, *DET]))
     assert len(ev["unreadable_images"]) == 1 and "unreadable, skipped" in capsys.readouterr().out
 
