@@ -151,7 +151,7 @@ class ClusterConf:
     l2_normalize: bool = True
     batch_size: int = 32
     short_side: int = 256
-    max_size: Optional[int] = None
+    max_size: Optional[int] = 1024
     run_name: str = MISSING
 
 

@@ -54,6 +54,13 @@ def test_resize_shorter_side_and_truncated_long_side():
     assert resized_shape(100, 37) == (691, 256)          # 256 * 100 / 37 = 691.9 -> 691
     assert resized_shape(50, 50) == (256, 256)
     assert resized_shape(10, 1000, max_size=1000) == (10, 1000)   # long side capped, short side scaled
+    # the default cap: a 400x17 box (W x H) is 1024 x 43 px, not 6023 x 256 (a minute to embed on a CPU)
+    from stages.config import ClusterConf
+    from stage_utils import compose_cfg
+
+    assert ClusterConf().max_size == compose_cfg("cluster", []).cluster.max_size == 1024
+    assert resized_shape(17, 400, 256, 1024) == (43, 1024) and resized_shape(17, 400, 256) == (256, 6023)
+    assert resized_shape(100, 400, 256, 1024) == (256, 1024)  # 4:1 and squarer boxes are not affected
     crop = coord_image(14, 21)
     out = resize_shorter(crop, 256)
     expected = np.asarray(Image.fromarray(crop).resize((384, 256), Image.BICUBIC))
