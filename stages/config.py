@@ -369,14 +369,18 @@ def unknown_keys(config_name: str, args: list[str]) -> list[str]:
     return out
 
 
+def _printing(args: list[str]) -> bool:
+    """Only printing the config (``--cfg``/``--info``): nothing runs or is submitted."""
+    return any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in args)
+
+
 def launcher_errors(args: list[str]) -> list[str]:
     """``hydra/launcher=slurm*`` submits with SLURM's ``sbatch``: without it (and not just printing the config
     with ``--cfg``/``--info``) say so in one line instead of submitit's traceback."""
     import shutil
 
     launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
-    printing = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in args)
-    if launcher and launcher.startswith("slurm") and not printing and shutil.which("sbatch") is None:
+    if launcher and launcher.startswith("slurm") and not _printing(args) and shutil.which("sbatch") is None:
         return [f"hydra/launcher={launcher} submits jobs with SLURM, but this machine has no `sbatch`: run the "
                 "command on a SLURM login node, or use hydra/launcher=local (local processes) or no launcher"]
     return []
@@ -399,7 +403,7 @@ def multirun_errors(args: list[str]) -> list[str]:
     """A launcher (``hydra/launcher=slurm``, ``local``...) acts only on a multirun: without ``-m`` Hydra runs the
     job here, silently. Refuse that instead."""
     launcher = next((a.split("=", 1)[1] for a in args if a.startswith(("hydra/launcher=", "+hydra/launcher="))), None)
-    if launcher and not any(a in ("-m", "--multirun") for a in args):
+    if launcher and not any(a in ("-m", "--multirun") for a in args) and not _printing(args):
         return [f"hydra/launcher={launcher} takes effect only with -m (--multirun): without it the job would run "
                 "here, on this machine. Add -m (make ... ARGS=\"-m hydra/launcher=...\")"]
     return []

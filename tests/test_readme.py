@@ -13,7 +13,7 @@ README = (REPO_ROOT / "README.md").read_text()
 
 def _slurm_examples() -> list[str]:
     block = README.split("<!-- slurm-examples")[1].split("<!-- /slurm-examples -->")[0]
-    return [line.strip() for line in block.splitlines() if line.strip().startswith("python -m stages.")]
+    return [line.strip() for line in block.splitlines() if line.strip().startswith(".venv/bin/python -m stages.")]
 
 
 def _single_job(args: list[str]) -> list[str]:
@@ -40,7 +40,7 @@ def test_readme_starts_with_the_two_commands():
 @pytest.mark.parametrize("command", _slurm_examples())
 def test_slurm_example_composes(command):
     args = shlex.split(command)
-    assert args[:2] == ["python", "-m"] and "-m" in args[3:]
+    assert args[:2] == [".venv/bin/python", "-m"] and "-m" in args[3:]  # the venv's Python: a bare one lacks omegaconf
     assert any(a.startswith("hydra/launcher=slurm") for a in args)
     proc = run_cli(args[2], _single_job(args[3:]) + ["--cfg", "hydra", "--package", "hydra.launcher"])
     assert "SlurmLauncher" in proc.stdout
