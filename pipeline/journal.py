@@ -40,7 +40,7 @@ class Journal:
         if self.meta_path.exists() and self.path.exists():
             old = read_json(self.meta_path, "journal meta")
             if old != meta:
-                from pipeline.rerun import diff_values, format_changes
+                from pipeline.diff import diff_values, format_changes
 
                 raise JournalMismatch(
                     f"{self.path} holds partial results of a different configuration (changed: "

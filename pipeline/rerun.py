@@ -20,23 +20,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.artifacts import ArtifactError
+from pipeline.diff import diff_values, format_changes  # noqa: F401 - re-exported (pipeline.rerun.diff_values)
 
 
 class RerunRefused(ArtifactError):
     """A rerun would replace finished results with results of another configuration."""
-
-
-def diff_values(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two JSON values (dotted keys)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += diff_values(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    if old == new:
-        return []
-    short = lambda v: (json.dumps(v, default=str) if not isinstance(v, str) else v)[:60]  # noqa: E731
-    return [f"{prefix.rstrip('.') or '<root>'}: {short(old)} -> {short(new)}"]
 
 
 def explain_changes(changes: Sequence[str], inputs: dict[str, str] | None) -> list[str]:
@@ -48,11 +36,6 @@ def explain_changes(changes: Sequence[str], inputs: dict[str, str] | None) -> li
         key = c.split(": ", 1)[0]
         out.append(f"{inputs[key]} changed since" if inputs and key in inputs else c)
     return out
-
-
-def format_changes(changes: Sequence[str], most: int = 6) -> str:
-    more = f"; and {len(changes) - most} more" if len(changes) > most else ""
-    return "; ".join(changes[:most]) + more
 
 
 @dataclass(frozen=True)

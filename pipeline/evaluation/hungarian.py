@@ -191,8 +191,8 @@ def to_markdown(result: dict, category_names: Mapping[int, str] | None = None) -
 
     A cluster is shown as its category id, with its name when known (``category_names`` {id: name},
     else the result's ``category_names``): ``cluster_9 (id 10)``, the caption of its gallery
-    ``cluster_9.png`` (:func:`pipeline.viz.gallery.cluster_caption`)."""
-    from pipeline.viz.gallery import cluster_caption
+    ``cluster_9.png`` (:func:`pipeline.names.cluster_caption`)."""
+    from pipeline.names import cluster_caption
 
     names = {int(k): v for k, v in (result.get("category_names") or {}).items()}
     names.update({int(k): v for k, v in (category_names or {}).items()})

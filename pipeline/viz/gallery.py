@@ -3,7 +3,7 @@
 Naming, the same everywhere: a cluster is a COCO category of ``pseudo_labels.json`` (K-means label
 ``c`` -> category id ``c + 1``, name ``cluster_<c>``, :func:`pipeline.clustering.labels.cluster_categories`).
 Its gallery is ``<name>.png`` (``cluster_9.png``) and is captioned ``cluster_9 (id 10)``
-(:func:`cluster_caption`), as the Hungarian table (:func:`pipeline.evaluation.hungarian.to_markdown`)
+(:func:`pipeline.names.cluster_caption`), as the Hungarian table (:func:`pipeline.evaluation.hungarian.to_markdown`)
 shows the clusters; the title is also stored in the PNG's ``Title`` text chunk."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.names import cluster_caption  # noqa: F401 - the one caption of a cluster (re-exported)
 from pipeline.viz.style import font_for, save_png
 
 _TITLE_H = 18
@@ -53,11 +54,6 @@ def cluster_gallery(crops: Sequence[np.ndarray], out_path: str | Path, title: st
         r, c = divmod(i, cols)
         canvas.paste(thumbnail(crop, thumb), (_PAD + c * (thumb + _PAD), _TITLE_H + _PAD + r * (thumb + _PAD)))
     return save_png(canvas, out_path, title=title)
-
-
-def cluster_caption(category_id: int, name: str | None = None) -> str:
-    """How a cluster is named to a person: ``cluster_9 (id 10)`` (category name and id), or ``10``."""
-    return f"{name} (id {int(category_id)})" if name else str(int(category_id))
 
 
 def _file_stem(name: str) -> str:
