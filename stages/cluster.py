@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import (begin_replacement, commit_replacement, read_coco_boxes, read_json,
-                                recover_replacement, write_json)
+from pipeline.artifacts import read_coco_boxes, read_json, write_json
 from pipeline.provenance import random_init
-from pipeline.rerun import input_hashes, plan_rerun
-from stages.common import (StageError, Timer, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
-                           dataset_identity, resolve_device, run_guarded, to_container)
+from pipeline.rerun import input_hashes
+from stages.common import (Produced, StageError, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
+                           dataset_identity, resolve_device, run_guarded, run_stage, to_container)
 from stages.config import stage_main
 
 OUTPUTS = ("pseudo_labels.json", "metrics.json")
@@ -92,10 +91,8 @@ def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: 
                             sizes=sizes, n=n, thumb=thumb, note=note)
 
 
-def _redraw_galleries(cfg: DictConfig, stage_dir: Path, changes) -> dict:
-    """Only report settings changed: new galleries from the existing pseudo_labels.json."""
-    print(f"cluster: only report settings changed ({'; '.join(changes)}): redrawing the galleries; "
-          "pseudo_labels.json is unchanged.", flush=True)
+def _redraw_galleries(cfg: DictConfig, stage_dir: Path) -> Produced:
+    """Only report settings changed: new galleries from the existing pseudo_labels.json (left untouched)."""
     labels_coco = read_json(stage_dir / "pseudo_labels.json", "pseudo-label file")
     metrics = read_json(stage_dir / "metrics.json")
     index = [(int(a["id"]), int(a["image_id"])) for a in labels_coco["annotations"]]
@@ -103,9 +100,9 @@ def _redraw_galleries(cfg: DictConfig, stage_dir: Path, changes) -> dict:
     root = Path(labels_coco["info"].get("image_root") or ".")
     galleries(labels_coco, root, index, labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
               int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if metrics.get("random_init") else "")
-    _write_manifest(cfg, stage_dir, Timer(), Path(labels_coco["info"]["clustering"]["input"]),
-                    labels_coco["info"]["clustering"]["backbone"], labels_coco["info"].get("features_key"))
-    return metrics
+    info = labels_coco["info"]
+    return _produced(cfg, metrics, Path(info["clustering"]["input"]), info["clustering"]["backbone"],
+                     info.get("features_key"), made=["galleries/"])
 
 
 def _cluster_quality(cfg: DictConfig, labels_coco: dict) -> dict | None:
@@ -121,35 +118,29 @@ def _cluster_quality(cfg: DictConfig, labels_coco: dict) -> dict | None:
     return cluster_quality_for_boxes(labels_coco, ds.records) if ds.has_gt else None
 
 
-def _write_manifest(cfg: DictConfig, stage_dir: Path, timer: Timer, in_path: Path, desc: dict, key) -> None:
-    from pipeline.artifacts import write_manifest
-
-    write_manifest(stage_dir, stage="cluster", config=to_container(cfg), inputs={"boxes": in_path},
-                   weights_sha256=desc.get("weights_sha256"), start_time=timer.start, end_time=time.time(),
-                   extra={"features_dir": str(cfg.dirs.cluster_features), "features_key": key,
-                          "artifact": _artifact(cfg, in_path), "report": _report(cfg),
-                          "random_init": random_init(backbone=desc)})
+def _produced(cfg: DictConfig, metrics: dict, in_path: Path, desc: dict, key, made: list[str]) -> Produced:
+    return Produced(metrics, made, inputs={"boxes": in_path}, weights_sha256=desc.get("weights_sha256"),
+                    extra={"features_dir": str(cfg.dirs.cluster_features), "features_key": key,
+                           "random_init": random_init(backbone=desc)})
 
 
 def run(cfg: DictConfig) -> dict:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines are noise here
-    from pipeline.clustering import extract_box_features, kmeans, make_pseudo_labels, prepare_features
-
-    timer = Timer()
     c = cfg.cluster
-    stage_dir, feat_dir = Path(cfg.stage_dir), Path(cfg.dirs.cluster_features)
-    recover_replacement(stage_dir)
     in_path = _input_path(cfg)
     producer = "" if c.boxes else (" (written by `make mine`)" if c.source == "lost" else " (written by `make train-cag`)")
-    plan = plan_rerun(stage_dir, stage="cluster", artifact=_artifact(cfg, in_path), report=_report(cfg),
-                      inputs={"input.boxes": f"the input {in_path}{producer}"},
-                      outputs=OUTPUTS, force=bool(cfg.force))
-    if plan.action == "skip":
-        print(f"cluster: {stage_dir} is up to date (same config and input, complete); FORCE=1 (force=true) "
-              "redoes it.", flush=True)
-        return read_json(stage_dir / "metrics.json")
-    if plan.action == "report":
-        return _redraw_galleries(cfg, stage_dir, plan.report_changes)
+    return run_stage(cfg, stage="cluster", artifact=_artifact(cfg, in_path), report=_report(cfg), outputs=OUTPUTS,
+                     inputs={"input.boxes": f"the input {in_path}{producer}"}, produce=lambda out: _cluster(cfg, out),
+                     redo_report=lambda d, _changes: _redraw_galleries(cfg, d),
+                     redo_says="redrawing the galleries; pseudo_labels.json is unchanged",
+                     summary=lambda d, m, _made: _print_summary(d, Path(cfg.dirs.cluster_features), m))
+
+
+def _cluster(cfg: DictConfig, out_dir: Path) -> Produced:
+    """Crop features (cached, keyed by what produced them: reused even when forced) -> K-means -> pseudo-labels."""
+    from pipeline.clustering import extract_box_features, kmeans, make_pseudo_labels, prepare_features
+
+    c = cfg.cluster
     coco, root, in_path = load_boxes(cfg)
     if not coco["annotations"]:
         raise StageError(f"{in_path} holds no boxes to cluster.")
@@ -159,13 +150,10 @@ def run(cfg: DictConfig) -> dict:
                          "cluster.k.")
     backbone = build_backbone_from_cfg(cfg, resolve_device(cfg.device))
     desc = backbone.describe()
-    # FORCE writes beside the finished results and swaps them in when complete (a failed forced run loses
-    # nothing); the feature cache is keyed by what produced it, so it is reused, never stale.
-    out_dir = begin_replacement(stage_dir, keep=False) if cfg.force else stage_dir
     t0 = time.time()
-    feats = extract_box_features(coco, root, backbone, batch_size=int(c.batch_size), cache_dir=feat_dir,
-                                 progress=bool(cfg.progress), short_side=int(c.short_side),
-                                 max_size=None if c.max_size is None else int(c.max_size))
+    feats = extract_box_features(coco, root, backbone, batch_size=int(c.batch_size),
+                                 cache_dir=Path(cfg.dirs.cluster_features), progress=bool(cfg.progress),
+                                 short_side=int(c.short_side), max_size=None if c.max_size is None else int(c.max_size))
     t_feat = time.time() - t0
     if len(feats.index) < int(c.k):
         raise StageError(f"cluster.k={c.k} but only {len(feats.index)} boxes could be cropped "
@@ -177,7 +165,6 @@ def run(cfg: DictConfig) -> dict:
     except ValueError as e:  # the library names its parameters; here they are cluster.* keys
         raise StageError(f"cluster.{e}") from None
     t_km = time.time() - t0
-
     is_random = random_init(backbone=desc)
     clustering = {"source": str(c.source), "input": str(in_path), "k": int(c.k), "seed": int(c.seed),
                   "n_init": int(c.n_init), "iters": int(c.iters), "whiten": bool(c.whiten),
@@ -194,14 +181,9 @@ def run(cfg: DictConfig) -> dict:
                "restart_inertias": result.restart_inertias, "best_seed": result.seed,
                "sizes": [int(s) for s in result.sizes], "empty_clusters": int((result.sizes == 0).sum()),
                "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
-               "kmeans_seconds": round(t_km, 3), "random_init": is_random, "source": str(c.source)}
-    metrics["cluster_quality"] = _cluster_quality(cfg, labels_coco)
-    write_json(out_dir / "metrics.json", metrics)
-    _write_manifest(cfg, out_dir, timer, in_path, desc, feats.key)
-    if out_dir != stage_dir:
-        commit_replacement(stage_dir, out_dir)
-    _print_summary(stage_dir, feat_dir, metrics)
-    return metrics
+               "kmeans_seconds": round(t_km, 3), "random_init": is_random, "source": str(c.source),
+               "cluster_quality": _cluster_quality(cfg, labels_coco)}
+    return _produced(cfg, metrics, in_path, desc, feats.key, made=["pseudo_labels.json", "galleries/"])
 
 
 def _print_summary(stage_dir: Path, feat_dir: Path, m: dict) -> None:
@@ -211,8 +193,8 @@ def _print_summary(stage_dir: Path, feat_dir: Path, m: dict) -> None:
     quality = "" if not q or q.get("purity") is None else (f"\npurity {q['purity']:.3f}, NMI {q['nmi']:.3f} against the GT classes "
                                 f"({q['matched']}/{q['boxes']} boxes matched a GT box){tag}")
     print(f"cluster: {m['boxes']} boxes ({m['skipped']} skipped), features {how} ({feat_dir})\n"
-          f"K-means k={m['k']}: inertia {m['inertia']:.4f}, sizes {m['sizes']}{tag}\n"
-          f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/){quality}", flush=True)
+          f"K-means k={m['k']}: inertia {m['inertia']:.4f}, sizes {m['sizes']}{tag}{quality}\n"
+          f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/)", flush=True)
 
 
 @stage_main("cluster")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -174,3 +175,62 @@ def export_submitit_distributed_env() -> None:
 
     if submitit.JobEnvironment().num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+# ------------------------------------------------------------------------------------------- life cycle
+@dataclass
+class Produced:
+    """What a stage's work returns to :func:`run_stage`: its metrics (written as metrics.json), the files it
+    made (for the summary), the input files the manifest hashes, and the manifest's stage-specific entries."""
+    metrics: dict
+    made: list[str] = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    weights_sha256: str | None = None
+
+
+def run_stage(cfg: DictConfig, *, stage: str, artifact: dict, report: dict, outputs: tuple[str, ...],
+              produce: Callable[[Path], Produced | None], redo_report: Callable[[Path, tuple], Produced] | None = None,
+              summary: Callable[[Path, dict, list[str] | None], None], inputs: dict | None = None,
+              keep: bool = False, force: bool | None = None,
+              redo_says: str = "redoing the report; the results are kept") -> dict | None:
+    """The one life cycle of a stage that writes results: plan -> up to date / report only / run ->
+    metrics.json -> manifest.json -> summary.
+
+    ``plan_rerun`` decides: "up to date" prints the stored summary; "report only" calls ``redo_report(dir,
+    changes)`` on the finished results; "run" calls ``produce(out_dir)``, where ``out_dir`` is the stage dir,
+    or under ``force`` a replacement folder beside it, swapped in only once everything is written (``keep``:
+    continue what a killed forced run left there). ``produce`` returns None when there is nothing to finalise
+    yet (a shard waiting for the others, a stopped training). ``inputs`` describes input hashes for messages
+    (:func:`pipeline.rerun.explain_changes`); ``redo_says`` what a report-only rerun does."""
+    from pipeline.artifacts import (begin_replacement, commit_replacement, read_json, recover_replacement,
+                                    write_json, write_manifest)
+    from pipeline.rerun import plan_rerun
+
+    timer = Timer()
+    stage_dir = Path(cfg.stage_dir)
+    recover_replacement(stage_dir)
+    force = bool(cfg.force) if force is None else force
+    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs, force=force,
+                      inputs=inputs)
+    if plan.action == "skip":
+        print(f"{stage}: {stage_dir} is up to date (same config and inputs, complete); FORCE=1 redoes it.", flush=True)
+        metrics = read_json(stage_dir / "metrics.json")
+        summary(stage_dir, metrics, None)
+        return metrics
+    if plan.action == "report" and redo_report is not None:
+        print(f"{stage}: only report settings changed ({'; '.join(plan.report_changes)}): {redo_says}.", flush=True)
+        out_dir, done = stage_dir, redo_report(stage_dir, plan.report_changes)
+    else:
+        out_dir = begin_replacement(stage_dir, keep=keep) if force else stage_dir
+        done = produce(out_dir)
+        if done is None:
+            return None
+    write_json(out_dir / "metrics.json", done.metrics)
+    write_manifest(out_dir, stage=stage, config=to_container(cfg), inputs=done.inputs,
+                   weights_sha256=done.weights_sha256, start_time=timer.start, end_time=time.time(),
+                   extra={**done.extra, "artifact": artifact, "report": report})
+    if out_dir != stage_dir:
+        commit_replacement(stage_dir, out_dir)
+    summary(stage_dir, done.metrics, [*done.made, "metrics.json", "manifest.json"])
+    return done.metrics

@@ -20,6 +20,8 @@ from typing import Any, Callable, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.clustering.settings import ClusteringSettings
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("paths", "dataset", "backbone", "miner", "detector", "schedule")
 
@@ -58,37 +60,15 @@ class BackboneConf:
     compile: bool = False            # torch.compile the blocks (agreement reported like bf16)
 
 
-@dataclass
-class LostConf:
-    name: str = "lost"
-    k_patches: int = 100
+def miner_schemas() -> dict[str, type]:
+    """Each miner's schema is generated from the library (its algorithm's keyword arguments and defaults:
+    ``Miner.params_dataclass``), never written here a second time."""
+    from pipeline.discovery import MINERS
+
+    return {name: miner.params_dataclass() for name, miner in MINERS.items()}
 
 
-@dataclass
-class DinoSegConf:
-    name: str = "dinoseg"
-    head: int = 4
-    mass: float = 0.6
-
-
-@dataclass
-class TokenCutConf:
-    name: str = "tokencut"
-    tau: float = 0.2
-    eps: float = 1e-5
-    max_boxes: int = 1
-
-
-@dataclass
-class MaskCutConf:
-    name: str = "maskcut"
-    num_objects: int = 3
-    tau: float = 0.15
-    eps: float = 1e-5
-    image_size: Optional[int] = None
-
-
-MINER_SCHEMAS = {"lost": LostConf, "dinoseg": DinoSegConf, "tokencut": TokenCutConf, "maskcut": MaskCutConf}
+MINER_SCHEMAS = miner_schemas()
 
 
 @dataclass
@@ -139,20 +119,13 @@ class MineConf:
 
 
 @dataclass
-class ClusterConf:
-    source: str = "lost"
-    boxes: Optional[str] = None
-    score_threshold: float = 0.5
-    k: int = 20
-    seed: int = 0
-    n_init: int = 10
-    iters: int = 20
-    whiten: bool = True
-    l2_normalize: bool = True
-    batch_size: int = 32
-    short_side: int = 256
-    max_size: Optional[int] = 1024
-    run_name: str = MISSING
+class ClusterConf(ClusteringSettings):
+    """The library's clustering settings (k, seed, restarts, crops...: ``pipeline.clustering.settings``) and
+    where the boxes come from."""
+    source: str = "lost"                  # lost: the mine stage's pseudo-boxes | cag: the CAG detector's detections
+    boxes: Optional[str] = None           # an explicit input file (COCO dataset for lost, results for cag)
+    score_threshold: float = 0.5          # source=cag: keep detections with score >= this
+    run_name: str = "k${cluster.k}"       # output subdir; change it to keep runs that differ in more than K
 
 
 @dataclass
@@ -243,12 +216,21 @@ class PipelineConf:
     stage_dir: Optional[str] = None
 
 
-def mine_dir(miner: str, feature: str = "k") -> str:
-    """The mine stage's directory name: ``mine`` for LOST on keys (the paper's setting), else
-    ``mine_<miner>`` and ``_<feature>`` for a feature other than keys, so settings that change the boxes
-    never share (and overwrite) one folder. The only place that decides it (``${dirs.mine}``)."""
-    name = "mine" if miner == "lost" else f"mine_{miner}"
+def chain_dir(stage: str, miner: str, feature: str = "k") -> str:
+    """The directory name of a stage of a chain (``mine``, ``cag``, ``cluster``, ``cad``): the stage's name
+    for LOST on keys (the paper's setting), else ``<stage>_<miner>`` and ``_<feature>`` for a feature other
+    than keys (``mine_tokencut``, ``cag_tokencut``, ``cluster_tokencut``, ``cad_lost_q`` is ``cad_q``). So
+    settings that change the boxes never share (and overwrite) a folder, and every stage downstream of a
+    mine folder has its own: a TokenCut and a LOST chain of one dataset write separate detectors and
+    clusters. The only place that decides it (``${dirs.*}`` in conf/pipeline.yaml)."""
+    name = stage if miner == "lost" else f"{stage}_{miner}"
     return name if feature == "k" else f"{name}_{feature}"
+
+
+def mine_dir(miner: str, feature: str = "k") -> str:
+    """The mine stage's directory name (:func:`chain_dir` of ``mine``): ``mine`` for LOST on keys, else
+    ``mine_<miner>[_<feature>]``."""
+    return chain_dir("mine", miner, feature)
 
 
 def eval_dir_of(detections: str | None, default: str) -> str:
@@ -265,14 +247,15 @@ _GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": Backbo
 
 
 def register() -> None:
-    """Put the schemas into Hydra's ConfigStore and the ``mine_dir`` resolver into OmegaConf (idempotent)."""
+    """Put the schemas into Hydra's ConfigStore and the ``chain_dir``/``mine_dir`` resolvers into OmegaConf
+    (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConf)
     for group, node in _GROUP_SCHEMAS.items():
         cs.store(group="schema", name=group, node=node)
     for name, node in MINER_SCHEMAS.items():
         cs.store(group="schema", name=f"miner_{name}", node=node)
-    for name, fn in (("mine_dir", mine_dir), ("eval_dir_of", eval_dir_of)):
+    for name, fn in (("chain_dir", chain_dir), ("mine_dir", mine_dir), ("eval_dir_of", eval_dir_of)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -5,9 +5,10 @@ from pipeline.clustering.features import (
 )
 from pipeline.clustering.kmeans import KMeansResult, kmeans
 from pipeline.clustering.labels import cluster_categories, make_pseudo_labels
+from pipeline.clustering.settings import ClusteringSettings
 
 __all__ = [
-    "BoxFeatures", "KMeansResult", "box_pixel_bounds", "cluster_categories", "crop_box", "extract_box_features",
+    "BoxFeatures", "ClusteringSettings", "KMeansResult", "box_pixel_bounds", "cluster_categories", "crop_box", "extract_box_features",
     "kmeans", "l2_normalize", "load_box_crops", "make_pseudo_labels", "prepare_features", "resize_shorter",
     "resized_shape", "trim_to_patch", "whiten",
 ]

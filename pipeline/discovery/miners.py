@@ -6,14 +6,17 @@ unpadded size to a result whose ``boxes`` (rank order, rank 0 first) and ``score
 pseudo-box file; the rest of the result (seed, masks, eigenvectors...) is for pictures.
 
 Adding a miner: a module with the algorithm (features in, result out, no I/O), a subclass of
-:class:`Miner` registered in :data:`MINERS` below, ``conf/miner/<name>.yaml`` (and its schema in
-``stages/config.py``), and tests. Nothing else names an algorithm.
+:class:`Miner` registered in :data:`MINERS` below, ``conf/miner/<name>.yaml`` (only its ``name`` and the
+schema it starts from: the parameters and their defaults are the algorithm's keyword arguments, turned into
+the config schema by :meth:`Miner.params_dataclass`), and tests. Nothing else names an algorithm.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import numpy as np
 
@@ -69,8 +72,21 @@ class Miner:
         sig = inspect.signature(cls.fn)
         return {k: p.default for k, p in sig.parameters.items() if k not in skip} | cls.extra_parameters
 
-    #: parameters the miner handles itself (not passed to ``fn``), with their defaults
+    #: parameters the miner handles itself (not passed to ``fn``), with their defaults and types
     extra_parameters: ClassVar[dict[str, Any]] = {}
+    extra_types: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def params_dataclass(cls) -> type:
+        """The miner's parameters as a dataclass: ``name`` and each parameter, typed, with its default. The
+        config schema of ``miner=<name>`` is this class, so every default lives in one place: the algorithm's
+        signature (or ``extra_parameters``)."""
+        hints = typing.get_type_hints(cls.fn)
+        fields = [("name", str, dataclasses.field(default=cls.name))]
+        for key, default in cls.parameters().items():
+            fields.append((key, cls.extra_types.get(key) or hints.get(key, type(default)),
+                           dataclasses.field(default=default)))
+        return dataclasses.make_dataclass(f"{cls.__name__}Params", fields)
 
     def validate(self) -> None:
         """Check the parameters once (raise ValueError naming the parameter)."""
@@ -193,6 +209,7 @@ class MaskCutMiner(Miner):
     name = "maskcut"
     fn = staticmethod(maskcut)
     extra_parameters = {"image_size": None}
+    extra_types = {"image_size": Optional[int]}
 
     def validate(self) -> None:
         _check_cut("maskcut", self.params)
@@ -211,7 +228,7 @@ def build_miner(name: str, patch_size: int, /, **params: Any) -> Miner:
     """The miner ``name`` with its parameters checked once; ``params`` may hold a ``name`` equal to ``name``
     (so a whole miner config can be splatted in)."""
     if name not in MINERS:
-        raise ValueError(f"unknown miner {name!r}; known miners: {sorted(MINERS)} (set miner=<name>)")
+        raise ValueError(f"unknown miner {name!r}; known miners: {sorted(MINERS)}")
     params = dict(params)
     other = params.pop("name", name)
     if other != name:
