@@ -155,3 +155,24 @@ def config_errors(cfg: DictConfig, stage: str) -> list[str]:
         if int(cfg.viz[key]) < 0:
             errors.append(f"viz.{key}={cfg.viz[key]}: must be >= 0")
     return errors
+
+
+# ------------------------------------------------------------------------------------ library errors
+# The library names its parameters (``root=``, ``weights=``, ``init=``); which config key sets a parameter
+# depends on the stage (a mining stage's weights are the backbone's, a training stage's the detector's).
+_DATASET_KEYS = {"root": "dataset.root", "ann_file": "dataset.ann_file", "image_dir": "dataset.image_dir",
+                 "image_set": "dataset.image_set", "list_file": "dataset.list_file", "max_side": "dataset.max_side"}
+_BACKBONE_KEYS = {"weights": "backbone.weights", "weights_dir": "paths.weights_dir", "init": "backbone.init",
+                  "precision": "backbone.precision", "compile": "backbone.compile", "arch": "backbone"}
+_DETECTOR_KEYS = {"weights": "detector.weights", "init": "detector.init", "preset": "detector"}
+LIBRARY_KEYS = {"mine": {**_DATASET_KEYS, **_BACKBONE_KEYS}, "cluster": {**_DATASET_KEYS, **_BACKBONE_KEYS},
+                **{s: {**_DATASET_KEYS, **_DETECTOR_KEYS} for s in ("train_cag", "train_cad", "evaluate_cag",
+                                                                   "evaluate_cad")}}
+
+
+def in_config_keys(message: str, stage: str | None) -> str:
+    """A library message as the user sets things: each ``param=`` it names becomes the config key that sets
+    that parameter in ``stage`` (``root=`` -> ``dataset.root=``); the one place that maps them."""
+    keys = LIBRARY_KEYS.get(stage or "", _DATASET_KEYS)
+    pattern = r"(?<![\w.])(" + "|".join(map(re.escape, keys)) + r")="
+    return re.sub(pattern, lambda m: f"{keys[m.group(1)]}=", message)

@@ -89,9 +89,10 @@ def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
         backbone = build_backbone(b.arch, init=init, **kwargs)
     except WeightsError:
         raise
-    except ValueError as e:  # e.g. backbone.precision refused on this device
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except ValueError as e:  # e.g. the precision refused on this device
+        from stages.checks import in_config_keys
+
+        raise StageError(in_config_keys(str(e), "mine")) from None
     if init == "random" and not quiet:
         warn_random(f"backbone {b.arch}", "backbone.init=random")
     return backbone
@@ -151,12 +152,16 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     from pipeline.parallel import WorkerError
     from pipeline.weights import WeightsError
 
+    from stages.checks import in_config_keys
+
     expected = (StageError, ArtifactError, FileNotFoundError, JournalMismatch, WeightsError, DatasetError,
                 WorkerError)
     try:
         return fn(cfg)
-    except expected as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except expected as e:  # the library names parameters; the user sets config keys
+        stage = getattr(fn, "__module__", "").rpartition(".")[2]
+        print(f"error: {e if isinstance(e, StageError) else in_config_keys(str(e), stage)}", file=sys.stderr,
+              flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("\ninterrupted: what was finished is kept; the same command resumes.", file=sys.stderr, flush=True)

@@ -55,7 +55,11 @@ def test_voc_wrong_root_message(tmp_path):
     with pytest.raises(DatasetError) as e:
         build_dataset("voc07", str(tmp_path))
     msg = str(e.value)
-    assert str(tmp_path / "VOCdevkit" / "VOC2007") in msg and "paths.data_root" in msg and "make data-voc07" in msg
+    assert str(tmp_path / "VOCdevkit" / "VOC2007") in msg and "root=" in msg
+    assert "python -m pipeline.data.download voc07" in msg and "make " not in msg  # the library names no make target
+    from stages.checks import in_config_keys  # the stage says it in config keys
+
+    assert "Pass dataset.root=<the folder holding VOCdevkit/>" in in_config_keys(msg, "mine")
     with pytest.raises(DatasetError, match="voc12"):
         build_dataset("voc12", str(tmp_path))
 

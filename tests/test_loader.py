@@ -216,4 +216,4 @@ def test_mining_images_max_side(tmp_path):
         MiningImages(recs, 16, max_side=8)
     Image.fromarray(_rgb(8, 200)).save(tmp_path / "thin.png")
     thin = MiningImages([ImageRecord("t", 1, str(tmp_path / "thin.png"), has_gt=False)], 8, max_side=100)[0]
-    assert thin["image"] is None and "Raise dataset.max_side" in thin["error"]
+    assert thin["image"] is None and "Raise max_side" in thin["error"]

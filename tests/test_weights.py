@@ -124,7 +124,7 @@ def test_unreadable_or_foreign_files(tmp_path):
     nested = tmp_path / "nested.pth"
     torch.save({"epoch": 3, "cls_token": torch.zeros(1, 1, 384)}, nested)
     _expect_error(nested, "'epoch'")
-    with pytest.raises(WeightsError, match="backbone.weights") as e:
+    with pytest.raises(WeightsError, match="Pass weights=") as e:
         build_backbone("dino_vits16", weights=tmp_path / "nope.pth")
     assert str(tmp_path / "nope.pth") in str(e.value)
 
@@ -158,8 +158,12 @@ def test_offline_error_names_file_url_and_overrides(tmp_path):
     msg = str(e.value)
     for needle in (str(wdir / VITS16.weights_file), str(cache / VITS16.weights_file),
                    "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-                   "network disabled", "backbone.weights=", "paths.weights_dir=", "backbone.init=random"):
+                   "network disabled", "weights=", "weights_dir=", "init=random"):
         assert needle in msg, needle
+    from stages.checks import in_config_keys  # what the mine stage prints of it
+
+    keyed = in_config_keys(msg, "mine")
+    assert all(k in keyed for k in ("backbone.weights=", "paths.weights_dir=", "backbone.init=random")), keyed
     assert not (cache / VITS16.weights_file).exists()
 
 

@@ -61,7 +61,7 @@ class Backbone:
         compiles again (VOC has many image sizes: expect a compile per new size). The last ViT block is
         left eager, so the qkv forward hook keeps firing."""
         if not hasattr(torch, "compile"):
-            raise ValueError("backbone.compile=true needs torch.compile (PyTorch >= 2.0)")
+            raise ValueError("compile=true needs torch.compile (PyTorch >= 2.0)")
         if self.spec.family == "vit":
             for blk in self.model.blocks[:-1]:
                 blk.compile(dynamic=False)
@@ -203,7 +203,7 @@ class Backbone:
     def _resnet_features(self, img: Tensor, dims, which: str, with_cls_attn: bool) -> FeatureOutput:
         if with_cls_attn:
             raise ValueError(f"dinoseg needs a ViT backbone: {self.arch} has no CLS attention "
-                             "(use backbone=dino_vits16 or another dino_vit*)")
+                             "(use arch=dino_vits16 or another dino_vit*)")
         if which in ("q", "v"):
             raise ValueError(f"{self.arch} has no queries/values; use feature 'k' or 'tokens' (layer4 output)")
         fmap = resnet_layer4(self.model, img)
@@ -250,7 +250,7 @@ def build_backbone(arch: str, *, init: str = "pretrained", weights: str | os.Pat
     spec = get_spec(arch)
     check_precision(precision, device, force=force_precision)  # fail before the (slow) build
     if init not in INITS:
-        raise ValueError(f"unknown backbone init {init!r}; choose one of {INITS} (backbone.init=...)")
+        raise ValueError(f"unknown backbone init {init!r}; choose one of {INITS} (init=...)")
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG state
         torch.manual_seed(int(seed))
         if spec.family == "vit":  # the random init is slow and pointless when weights replace it

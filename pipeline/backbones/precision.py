@@ -47,22 +47,21 @@ def cpu_has_native_bf16() -> bool:
 def check_precision(precision: str, device: torch.device | str, force: bool = False) -> str:
     """Validate ``precision`` for ``device``; return it, or raise ValueError saying what to do."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown backbone precision {precision!r}; choose one of {PRECISIONS} "
-                         "(backbone.precision=...)")
+        raise ValueError(f"unknown backbone precision {precision!r}; choose one of {PRECISIONS} (precision=...)")
     dev = torch.device(device)
     if precision == "fp32":
         return precision
     if dev.type == "cpu":
         if precision == "fp16":
-            raise ValueError("backbone.precision=fp16 is not supported on a CPU (no fast float16 kernels); "
+            raise ValueError("precision=fp16 is not supported on a CPU (no fast float16 kernels); "
                              "use fp32, or bf16 on a CPU with native bf16 units, or fp16 on a GPU")
         if not cpu_has_native_bf16() and not force:
             raise ValueError(
-                "backbone.precision=bf16 on this CPU is about 5-12x slower than float32 (no native bf16 units: "
+                "precision=bf16 on this CPU is about 5-12x slower than float32 (no native bf16 units: "
                 f"capability {torch.backends.cpu.get_cpu_capability()}, no avx512_bf16/amx_bf16); use fp32 or "
                 "a GPU (force_precision=True runs it anyway)")
     elif dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError("backbone.precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
+        raise ValueError("precision=bf16: this GPU has no bf16 support; use fp16 or fp32")
     return precision
 
 

@@ -43,5 +43,5 @@ ARCHS: dict[str, ArchSpec] = {
 def get_spec(arch: str) -> ArchSpec:
     if arch not in ARCHS:
         raise ValueError(f"unknown backbone arch {arch!r}; choose one of {sorted(ARCHS)} "
-                         f"(config: backbone=<name>, files in conf/backbone/)")
+                         f"(arch=<name>)")
     return ARCHS[arch]

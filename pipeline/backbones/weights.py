@@ -17,8 +17,8 @@ _SHOW = 5
 
 
 def _overrides(spec: ArchSpec) -> str:
-    return (f"Fix: pass backbone.weights=/path/to/{spec.weights_file}, or paths.weights_dir=<dir holding "
-            f"{spec.weights_file}>, or backbone.init=random for a smoke run (no real results).")
+    return (f"Fix: pass weights=/path/to/{spec.weights_file}, or weights_dir=<dir holding "
+            f"{spec.weights_file}>, or init=random for a smoke run (no real results).")
 
 
 def default_cache_dir() -> Path:
@@ -33,8 +33,8 @@ def resolve_weights(spec: ArchSpec, weights: str | os.PathLike | None = None,
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsError(f"weights file for {spec.arch} not found: {path}. Set backbone.weights to an "
-                               f"existing .pth file (official: {spec.url}), or backbone.init=random for a smoke run.")
+            raise WeightsError(f"weights file for {spec.arch} not found: {path}. Pass weights=<an existing .pth "
+                               f"file> (official: {spec.url}), or init=random for a smoke run.")
         return path
     candidates = []
     if weights_dir is not None:
@@ -75,5 +75,5 @@ def load_weights(model: nn.Module, spec: ArchSpec, path: str | os.PathLike) -> N
     if problems:
         raise WeightsError(f"weights file {path} does not fit {spec.arch} ({spec.model_name}): "
                            + "; ".join(problems) + f". Use the official file {spec.url} or a matching "
-                           f"checkpoint for this arch (backbone=<arch> must match the weights).")
+                           f"checkpoint for this arch (arch=<arch> must match the weights).")
     model.load_state_dict(sd, strict=True)

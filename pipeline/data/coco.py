@@ -30,8 +30,8 @@ def is_difficult(ann: dict) -> bool:
 
 def _read_instances(ann_file: Path) -> dict:
     if not ann_file.is_file():
-        raise DatasetError(f"COCO annotation file not found: {ann_file}. Set dataset.ann_file=... or "
-                           f"paths.data_root=..., or run the data download (python -m pipeline.data.download).")
+        raise DatasetError(f"COCO annotation file not found: {ann_file}. Pass ann_file=... or root=..., or "
+                           f"download it (python -m pipeline.data.download).")
     try:
         with open(ann_file) as f:
             data = json.load(f)
@@ -91,9 +91,9 @@ def find_coco_files(root: str | os.PathLike, image_set: str, ann_file: str | Non
         elif len(found) == 1:
             ann = found[0]
         else:
-            have = f" (found {', '.join(p.name for p in found)}: set dataset.image_set to one split)" if found else ""
-            raise DatasetError(f"no COCO annotation file {wanted}{have}. Set dataset.ann_file=... and "
-                               f"dataset.image_dir=..., or paths.data_root=...")
+            have = f" (found {', '.join(p.name for p in found)}: pass image_set=<one split>)" if found else ""
+            raise DatasetError(f"no COCO annotation file {wanted}{have}. Pass ann_file=... and image_dir=..., "
+                               f"or root=...")
     else:
         ann = Path(ann_file).expanduser()
     if image_dir is None:
@@ -102,11 +102,11 @@ def find_coco_files(root: str | os.PathLike, image_set: str, ann_file: str | Non
         img = next((c for c in cands if c.is_dir()), None)
         if img is None:
             raise DatasetError(f"no image folder for {ann.name}; looked in: {', '.join(map(str, cands))}. "
-                               f"Set dataset.image_dir=...")
+                               f"Pass image_dir=...")
     else:
         img = Path(image_dir).expanduser()
         if not img.is_dir():
-            raise DatasetError(f"image folder not found: {img}. Set dataset.image_dir=...")
+            raise DatasetError(f"image folder not found: {img}. Pass image_dir=...")
     return ann, img
 
 
@@ -126,8 +126,8 @@ def load_coco(root: str | os.PathLike, image_set: str = "val2017", ann_file: str
 def read_coco20k_list(list_file: Path) -> list[tuple[int, str]]:
     """``(image id, file name)`` per line of the COCO20k list (``train2014/COCO_train2014_<id>.jpg``)."""
     if not list_file.is_file():
-        raise DatasetError(f"COCO20k image list not found: {list_file}. Run `make data-coco20k` "
-                           f"(python -m pipeline.data.download coco20k --root <dir>) or set dataset.list_file=...")
+        raise DatasetError(f"COCO20k image list not found: {list_file}. Download it (python -m "
+                           f"pipeline.data.download coco20k --root <dir>) or pass list_file=...")
     out = []
     for n, line in enumerate(list_file.read_text().splitlines(), start=1):
         line = line.strip()
@@ -153,8 +153,8 @@ def load_coco20k(root: str | os.PathLike, ann_file: str | None = None, image_dir
     ann = Path(ann_file).expanduser() if ann_file else root / "annotations" / "instances_train2014.json"
     img = Path(image_dir).expanduser() if image_dir else root / "train2014"
     if not img.is_dir():
-        raise DatasetError(f"COCO20k image folder not found: {img}. Set dataset.image_dir=... or run "
-                           f"`make data-coco20k`.")
+        raise DatasetError(f"COCO20k image folder not found: {img}. Pass image_dir=..., or download it (python -m "
+                           f"pipeline.data.download coco20k --root <dir>).")
     data = _read_instances(ann)
     known = {im["id"] for im in data["images"]}
     missing = [base for i, base in entries if i not in known]

@@ -29,7 +29,7 @@ def load_folder(root: str | os.PathLike, name: str | None = None, max_images: in
         raise DatasetError(f"{root} is a file, not a folder of images: give the folder that holds it "
                            f"({root.parent}).")
     if not root.is_dir():
-        raise DatasetError(f"image folder not found: {root}. Set dataset.root=<folder of images>.")
+        raise DatasetError(f"image folder not found: {root}. Pass root=<a folder of images>.")
     files, hidden, unsupported = [], 0, {}
     for p in root.rglob("*"):
         if not p.is_file():
@@ -43,7 +43,7 @@ def load_folder(root: str | os.PathLike, name: str | None = None, max_images: in
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:
         also = f" ({hidden} hidden image files skipped: names or folders starting with '.')" if hidden else ""
-        raise DatasetError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {root}{also}. Set dataset.root=...")
+        raise DatasetError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {root}{also}. Pass root=<a folder of images>.")
     if max_images is not None:
         files = files[:max_images]
     records = [ImageRecord(image_id=p.relative_to(root).as_posix(), coco_id=i, path=str(p), has_gt=False)

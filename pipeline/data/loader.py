@@ -105,7 +105,7 @@ class MiningImages(torch.utils.data.Dataset):
         if min(img.shape[:2]) < self.patch_size:
             item["error"] = (f"image {rec.path} is {w0}x{h0} pixels (W x H): resized to a longer side of "
                              f"{self.max_side} px its shorter side is below one patch ({self.patch_size} px). "
-                             "Raise dataset.max_side or remove the image.")
+                             "Raise max_side (the longer side images are shrunk to) or remove the image.")
             return item
         tensor, size = self._preprocess(img, self.patch_size)
         item["image"], item["size"] = tensor, (int(size[0]), int(size[1]))

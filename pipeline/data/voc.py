@@ -32,8 +32,8 @@ def find_voc_dir(root: str | os.PathLike, year: str) -> Path:
     looked = "\n  ".join(str(c) for c in candidates)
     raise DatasetError(
         f"no VOC{year} dataset (Annotations/ and ImageSets/Main/) under {root}; looked in:\n  {looked}\n"
-        f"Set paths.data_root=<folder holding VOCdevkit/> (or dataset.root=...), "
-        f"or run `make data-{kind}` (python -m pipeline.data.download {kind} --root <dir>)."
+        f"Pass root=<the folder holding VOCdevkit/>, or download it (python -m pipeline.data.download {kind} "
+        f"--root <dir>)."
     )
 
 
@@ -94,7 +94,7 @@ def parse_voc_xml(xml_path: Path, image_id: str, coco_id: int, image_path: str) 
 def read_image_set(list_path: Path) -> list[str]:
     if not list_path.is_file():
         have = sorted(p.stem for p in list_path.parent.glob("*.txt"))[:12] if list_path.parent.is_dir() else []
-        raise DatasetError(f"image list not found: {list_path}. Choose dataset.image_set among the files of "
+        raise DatasetError(f"image list not found: {list_path}. Choose image_set=<one of the files of> "
                            f"{list_path.parent} ({', '.join(have) or 'none'}).")
     ids = [ln.split()[0] for ln in list_path.read_text().splitlines() if ln.strip()]
     if not ids:

@@ -102,7 +102,7 @@ class Miner:
             if data is None:
                 raise ValueError(f"miner '{self.name}' needs the CLS attention of the last block, but the backbone "
                                  "returned none (cls_attn is None); use a DINO ViT backbone and ask it for CLS "
-                                 "attention, or use miner=lost")
+                                 "attention, or use the lost miner")
         else:
             data = output.feats
         return type(self).fn(data[index], output.dims, patch_size=self.patch_size, image_size=image_size,
