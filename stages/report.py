@@ -2,7 +2,7 @@
 
     python -m stages.report dataset=voc07 backbone=dino_vits16
 
-Reads ``${base_dir}`` (= output_root/dataset/backbone: mine*/, cag/, cluster/, cad/) and writes
+Reads the folders of every chain (the config's ``dirs`` map, :func:`stages.locations.layout_of`) and writes
 ``${dirs.report}/``: index.html, summary.json and img/ (plots and copies of the stages' pictures), a
 self-contained folder that opens from disk. Reruns nothing. Every stage's state is `make status`'s (the
 same function, the same dataset facts); a section of a stage that is not done says so and gives the command
@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from stages.common import run_guarded, to_container
 from stages.config import stage_main
+from stages.locations import layout_of
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
@@ -31,7 +32,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
     facts, note = dataset_facts(lambda: build_dataset_from_cfg(cfg))
     if note:
         print(f"({note})", flush=True)
-    summary = build_report(Path(cfg.base_dir), Path(cfg.stage_dir), dataset=d,
+    summary = build_report(Path(cfg.base_dir), Path(cfg.stage_dir), dataset=d, layout=layout_of(cfg),
                            max_pictures=int(cfg.report.max_pictures), n_worst=int(cfg.report.worst),
                            args=overrides, **facts)
     prov = summary["provenance"]

@@ -4,7 +4,8 @@ for each that is not done, the command that brings it up to date.
     python -m stages.status dataset=voc07 backbone=dino_vits16
 
 The states are :func:`pipeline.status.pipeline_status`'s, decided with the same dataset facts as `make
-report` (:func:`pipeline.status.dataset_facts`), so the two never disagree.
+report` (:func:`pipeline.status.dataset_facts`) and the same folders (the config's ``dirs`` map for every
+chain, :func:`stages.locations.layout_of`), so the two never disagree.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline.status import StageState, dataset_facts, format_status, pipeline_status
 from stages.config import stage_main
+from stages.locations import layout_of
 
 
 def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[StageState]:
@@ -26,7 +28,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[StageSt
     facts, note = dataset_facts(lambda: build_dataset_from_cfg(cfg))
     if note:
         print(f"({note})")
-    states = pipeline_status(root, **facts)
+    states = pipeline_status(root, layout_of(cfg), **facts)
     print(f"{cfg.dataset.name} / {cfg.backbone.name}  ({root})")
     print(format_status(states, overrides))
     return states

@@ -83,11 +83,16 @@ def _train(d: Path, stage: str, dataset: dict, random_init: bool, inputs: dict, 
     _manifest(d, stage, dataset, random_init, inputs=inputs)
 
 
-def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: bool = True) -> Path:
-    """Write the artifacts of ``stages`` under ``out/voc07/dino_vits16``; returns that dir."""
+def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: bool = True,
+                    miner: str = "lost") -> Path:
+    """Write the artifacts of ``stages`` under ``out/voc07/dino_vits16``; returns that dir. ``miner``: whose
+    chain (its folders as the config names them: ``mine_tokencut/``, ``cag_tokencut/``...)."""
+    from stages.config import chain_dir
+
     dataset = make_dataset(data_root)
     base = out / "voc07" / "dino_vits16"
-    info = {"dataset": "voc07", "method": "lost", "random_init": random_init, "image_root": dataset["image_dir"],
+    mine, cag, cluster, cad = (base / chain_dir(k, miner) for k in ("mine", "cag", "cluster", "cad"))
+    info = {"dataset": "voc07", "method": miner, "random_init": random_init, "image_root": dataset["image_dir"],
             "backbone": {"arch": "dino_vits16", "init": "random" if random_init else "pretrained"},
             "config": {"dataset": dataset}}
     images = [{"id": i, "file_name": f"im{i}.png", "width": 64, "height": 48, "dataset_id": str(i)}
@@ -95,10 +100,10 @@ def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: 
     boxes = [{"id": i, "image_id": i, "bbox": list(pb), "area": pb[2] * pb[3], "iscrowd": 0, "category_id": 1,
               "score": 0.1 * i, "seed": 0} for i, (_, pb) in enumerate(_IMAGES, start=1)]
     if "mine" in stages:
-        m = base / "mine"
+        m = mine
         write_json(m / "pseudo_boxes.json", {"info": info, "images": images, "annotations": boxes,
                                              "categories": [{"id": 1, "name": "object"}]})
-        write_json(m / "metrics.json", {"images": 6, "boxes": 6, "failures": 1, "method": "lost",
+        write_json(m / "metrics.json", {"images": 6, "boxes": 6, "failures": 1, "method": miner,
                                         "backbone": "dino_vits16", "random_init": random_init, "corloc": 50.0,
                                         "corloc_hits": 3, "corloc_total": 6,
                                         "failed_images": [{"image_id": "7", "path": "/data/broken.jpg",
@@ -107,9 +112,9 @@ def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: 
             _png(m / "viz" / f"{i:06d}_{i + 1}.png", (200, 0, 0))
         _manifest(m, "mine", dataset, random_init)
     if "cag" in stages:
-        _train(base / "cag", "train_cag", dataset, random_init, {"pseudo_boxes": base / "mine" / "pseudo_boxes.json"}, 1)
+        _train(cag, "train_cag", dataset, random_init, {"pseudo_boxes": mine / "pseudo_boxes.json"}, 1)
     if "cluster" in stages:
-        c = base / "cluster" / "lost" / "k2"
+        c = cluster / "lost" / "k2"
         labels = [dict(b, category_id=k) for b, k in zip(boxes, CLUSTER)]
         write_json(c / "pseudo_labels.json", {
             "info": {**info, "k": 2, "sizes": [3, 3], "clustering": {"k": 2, "random_init": random_init}},
@@ -119,12 +124,12 @@ def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: 
                                         "random_init": random_init, "source": "lost"})
         for k in range(2):
             _png(c / "galleries" / f"cluster_{k}.png", (0, 150, 0))
-        _manifest(c, "cluster", dataset, random_init, inputs={"boxes": base / "mine" / "pseudo_boxes.json"})
+        _manifest(c, "cluster", dataset, random_init, inputs={"boxes": mine / "pseudo_boxes.json"})
     if "cad" in stages:
-        _train(base / "cad", "train_cad", dataset, random_init,
-               {"pseudo_labels": base / "cluster" / "lost" / "k2" / "pseudo_labels.json"}, 2)
+        _train(cad, "train_cad", dataset, random_init,
+               {"pseudo_labels": cluster / "lost" / "k2" / "pseudo_labels.json"}, 2)
     if "eval" in stages:
-        e = base / "cad" / "eval_trainval"
+        e = cad / "eval_trainval"
         write_json(e / "metrics.json", {
             "class_names": ["cat", "dog"], "cluster_ids": [1, 2, 3], "matching": {"cat": 1, "dog": 2},
             "per_class": {"cat": {"cluster": 1, "AP50": 40.0, "AP75": 10.0, "AP50:95": 15.0},
@@ -132,8 +137,19 @@ def make_experiment(out: Path, data_root: Path, stages=STAGES_ALL, random_init: 
             "mean": {"AP50": 30.0, "AP75": 7.5, "AP50:95": 11.25}, "unmatched_clusters": [3],
             "unmatched_classes": [], "classes_without_gt": [], "n_images": 6, "n_detections": 40,
             "gt": "voc07:trainval", "inference": {"random_init": random_init}})
-        _manifest(e, "evaluate_cad", dataset, random_init, inputs={"model": base / "cad" / "metrics.json"})
+        _manifest(e, "evaluate_cad", dataset, random_init, inputs={"model": cad / "metrics.json"})
     return base
+
+
+def layout_for(base: Path, *args: str):
+    """Where the stages of ``base`` (= out/<dataset>/<backbone>) are, as `make status` and `make report` see
+    them: the config's ``dirs`` map for every chain (:func:`stages.locations.layout_of`); ``args``: more ARGS
+    (``miner=tokencut``: that chain first)."""
+    from stage_utils import compose_cfg
+    from stages.locations import layout_of
+
+    return layout_of(compose_cfg("status", [f"paths.output_root={base.parents[1]}", f"dataset={base.parent.name}",
+                                            *args]))
 
 
 def partial_training(d: Path, iteration: int, iterations: int) -> Path:

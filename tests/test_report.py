@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.report import ReportError, build_report
-from report_fixtures import FOLDER_BAD, make_experiment, mine_folder, partial_training
+from report_fixtures import FOLDER_BAD, layout_for, make_experiment, mine_folder, partial_training
 from stage_utils import compose_cfg, run_cli
 
 CHAIN = ["detector=mobilenet_fpn", "schedule=smoke", "cluster.k=3", "train_cad.cluster_run=lost/k3",
@@ -237,7 +237,8 @@ def test_several_miners_side_by_side(experiment):
     shutil.copytree(experiment / "mine", experiment / "mine_dinoseg")
     mp = experiment / "mine_dinoseg" / "metrics.json"
     write_json(mp, {**read_json(mp), "method": "dinoseg", "corloc": 33.3})
-    s = build_report(experiment)
+    assert [m["stage"] for m in build_report(experiment)["mining"]] == ["mine"]   # the default chain only
+    s = build_report(experiment, layout=layout_for(experiment))
     assert [m["stage"] for m in s["mining"]] == ["mine", "mine_dinoseg"]
     assert [m["published_corloc"] for m in s["mining"]] == [61.9, 45.8]
     assert "mine_dinoseg" in {st["stage"] for st in s["provenance"]["stages"]}
@@ -362,7 +363,7 @@ def test_multi_box_scores_are_in_the_mining_section(experiment):
     mb = {"object_recall": 62.5, "objects_covered": 5, "objects_total": 8, "boxes_per_image": 2.5,
           "any_box_corloc": 83.3, "any_box_hits": 5, "images_scored": 6}
     write_json(mp, {**read_json(mp), "method": "maskcut", "multi_box": mb})
-    s = build_report(experiment)
+    s = build_report(experiment, layout=layout_for(experiment))
     m = {x["stage"]: x for x in s["mining"]}
     assert m["mine_maskcut"]["multi_box"]["any_box_corloc"] == 83.3 and m["mine"]["multi_box"] is None
     rows = {r[0].strip(): r[1:] for r in element(experiment / "report", "mining").rows if r}

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.artifacts import read_json, write_json, write_manifest
 from pipeline.status import format_status, next_command, pipeline_status, stage_state
-from report_fixtures import FOLDER_BAD, folder_args, make_experiment, mine_folder, partial_training
+from report_fixtures import FOLDER_BAD, folder_args, layout_for, make_experiment, mine_folder, partial_training
 from stage_utils import compose_cfg
 
 
@@ -203,7 +203,7 @@ def test_commands_pick_the_run_of_each_stage(tmp_path):
     man = base / "mine_maskcut_q" / "manifest.json"
     write_json(man, {**read_json(man), "annotations_digest": "before"})   # its CorLoc scored other annotations
     _change(base / "mine" / "pseudo_boxes.json")
-    states = by_stage(pipeline_status(base, annotations_digest="changed"))
+    states = by_stage(pipeline_status(base, layout_for(base), annotations_digest="changed"))
     args = ["dataset=voc07", "miner=lost", "cluster.k=20"]
     cmd = functools.partial(next_command, args=args)
     assert cmd(states["mine_maskcut_q"]) == \
@@ -217,3 +217,69 @@ def test_commands_pick_the_run_of_each_stage(tmp_path):
         'make evaluate-cad FORCE=1 ARGS="dataset.image_set=trainval"'
     assert next_command(states["cag"], None) == \
         f'make train-cag FORCE=1 ARGS="dataset=voc07 backbone=dino_vits16 paths.output_root={tmp_path / "out"}"'
+
+
+# ----------------------------------------------------------------------------- one chain per miner
+DOWNSTREAM = ("mine", "cag", "cag_eval", "clusters", "cluster_features", "cluster", "cad", "cad_eval")
+
+
+def test_lost_and_tokencut_chains_write_separate_folders():
+    """Every folder of a chain is keyed by its miner (and feature) as the mine folder is: a TokenCut chain
+    never writes into a LOST chain's detector or clusters, and LOST's folders are where they always were
+    (a chain run before is still up to date)."""
+    from omegaconf import OmegaConf
+
+    for stage in ("mine", "train_cag", "evaluate_cag", "cluster", "train_cad", "evaluate_cad"):
+        lost, tok = (compose_cfg(stage, [f"miner={m}", "dataset=voc07"]) for m in ("lost", "tokencut"))
+        ld, td = (OmegaConf.to_container(c.dirs, resolve=True) for c in (lost, tok))
+        li, ti = (OmegaConf.to_container(c.inputs, resolve=True) for c in (lost, tok))
+        assert all(ld[k] != td[k] for k in DOWNSTREAM), (stage, ld, td)
+        assert all(li[k] != ti[k] for k in li) and lost.stage_dir != tok.stage_dir
+        assert ld["report"] == td["report"]
+    base = "outputs/voc07/dino_vits16"
+    assert {k: ld[k] for k in DOWNSTREAM} == {
+        "mine": f"{base}/mine", "cag": f"{base}/cag", "cag_eval": f"{base}/cag/eval_trainval",
+        "clusters": f"{base}/cluster", "cluster_features": f"{base}/cluster/lost/features",
+        "cluster": f"{base}/cluster/lost/k20", "cad": f"{base}/cad", "cad_eval": f"{base}/cad/eval_trainval"}
+    assert li["pseudo_labels"] == f"{base}/cluster/lost/k20/pseudo_labels.json"
+    assert td["cad"] == f"{base}/cad_tokencut" and td["cluster"] == f"{base}/cluster_tokencut/lost/k20"
+    q = OmegaConf.to_container(compose_cfg("train_cad", ["backbone.feature=q", "dataset=voc07"]).dirs, resolve=True)
+    assert q["cag"] == f"{base}/cag_q" and q["mine"] == f"{base}/mine_q"
+
+
+def test_status_and_report_find_both_chains(tmp_path, capsys):
+    """A LOST and a TokenCut chain of one dataset: `make status` and `make report` list every stage of
+    both, each with its own state (TokenCut's re-mined boxes make only its own chain stale) and a command
+    that selects its chain."""
+    from stages.report import run as report
+    from stages.status import run as status
+
+    out = tmp_path / "out"
+    base = make_experiment(out, tmp_path / "data")
+    make_experiment(out, tmp_path / "data", miner="tokencut")
+    _change(base / "mine_tokencut" / "pseudo_boxes.json")
+    args = [f"paths.output_root={out}", "dataset=voc07"]
+    states = by_stage(status(compose_cfg("status", args), overrides=args))
+    lost = ("mine", "cag", "cluster/lost/k2", "cad", "cad/eval_trainval")
+    tok = ("mine_tokencut", "cag_tokencut", "cluster_tokencut/lost/k2", "cad_tokencut", "cad_tokencut/eval_trainval")
+    assert set(states) == {*lost, *tok}
+    assert [states[s].state for s in lost] == ["done"] * 5
+    assert [states[s].state for s in tok] == ["done"] + ["stale"] * 4
+    assert "mine_tokencut/pseudo_boxes.json" in " ".join(states["cag_tokencut"].changed)
+    assert next_command(states["cad_tokencut"], args) == \
+        f'make train-cad FORCE=1 ARGS="{" ".join(args)} miner=tokencut train_cad.cluster_run=lost/k2"'
+    assert next_command(states["cluster_tokencut/lost/k2"], [*args, "miner=lost"]) == \
+        f'make cluster FORCE=1 ARGS="{" ".join(args)} miner=tokencut cluster.k=2"'
+    text = capsys.readouterr().out
+    assert all(re.search(rf"^{re.escape(s)}\s", text, re.M) for s in (*lost, *tok))
+    # the report: the same states; both mining runs and both chains' cluster runs; the detectors of the
+    # chain its ARGS name (miner=tokencut: TokenCut's)
+    summary = report(compose_cfg("report", [*args, "miner=tokencut"]), overrides=[*args, "miner=tokencut"])
+    rows = {r["stage"]: r for r in summary["provenance"]["stages"]}
+    assert {k: r["state"] for k, r in rows.items()} == {k: s.state for k, s in states.items()}
+    assert [m["stage"] for m in summary["mining"]] == ["mine_tokencut", "mine"]
+    assert [c["stage"] for c in summary["cluster"]] == ["cluster_tokencut/lost/k2", "cluster/lost/k2"]
+    assert summary["train_cag"]["stage"] == "cag_tokencut" and summary["train_cag"]["status"]["state"] == "stale"
+    assert [e["status"]["stage"] for e in summary["evaluate_cad"]] == ["cad_tokencut/eval_trainval"]
+    html = Path(summary["index"]).read_text()
+    assert 'id="cluster_tokencut-lost-k2"' in html and 'id="cluster-lost-k2"' in html
