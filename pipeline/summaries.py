@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# the mine stage's pictures: ``<index in the dataset, 6 digits>_<image stem>.png`` (stages/mine.py)
+# the mine stage's pictures: ``<index in the dataset, 6 digits>_<image stem>.png`` (:func:`mining_picture_name`)
 _MINING_PICTURE = re.compile(r"(\d+)_(.*)\.png$")
 
 
@@ -113,6 +113,33 @@ class MiningSummary:
             m = _MINING_PICTURE.match(p.name)
             out.append(MiningPicture(p, int(m.group(1)) if m else None))
         return out
+
+
+def journal_counts(stage_dir: Path) -> tuple[int, int] | None:
+    """(images with a result, images whose last row is a failure) over a mining run's shard journals
+    (``results/shard-I-of-N.jsonl``; the last row of an image wins, as when the journals are merged; a torn
+    last line skipped); None without journals: what a mining run stopped before its merge has done."""
+    results = stage_dir / "results"
+    journals = sorted(results.glob("shard-*.jsonl")) if results.is_dir() else []
+    if not journals:
+        return None
+    last: dict = {}
+    for j in journals:
+        with open(j) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line: the journal cuts it on reopen
+                    continue
+                last[row.get("image_id", row.get("index"))] = row.get("error") is None
+    ok = sum(last.values())
+    return ok, len(last) - ok
+
+
+def mining_picture_name(index: int, image_id: str) -> str:
+    """The name of the mine stage's picture of the image at ``index`` in the dataset (``000003_cat.png``):
+    :meth:`MiningSummary.pictures` reads the index back from it."""
+    return f"{int(index):06d}_{Path(str(image_id)).stem}.png"
 
 
 def natural_key(s: str) -> list:

@@ -283,3 +283,28 @@ def test_status_and_report_find_both_chains(tmp_path, capsys):
     assert [e["status"]["stage"] for e in summary["evaluate_cad"]] == ["cad_tokencut/eval_trainval"]
     html = Path(summary["index"]).read_text()
     assert 'id="cluster_tokencut-lost-k2"' in html and 'id="cluster-lost-k2"' in html
+
+
+def test_the_typed_reader_reads_what_a_real_mining_run_wrote(folder, tmp_path):
+    """pipeline.summaries reads the mine stage's own files: its failures, its journals, its manifest, and its
+    pictures (each with the index of the image it shows, from the name mining_picture_name gives)."""
+    from PIL import Image
+
+    from pipeline.summaries import Manifest, MiningSummary, journal_counts, mining_picture_name
+
+    base, _ = folder
+    mine = base / "mine"
+    s = MiningSummary.read(mine)
+    assert s.failures == len(FOLDER_BAD) and s.images == 13 and len(s.failed_ids()) == len(FOLDER_BAD)
+    assert journal_counts(mine) == (13 - len(FOLDER_BAD), len(FOLDER_BAD))
+    shutil.rmtree(mine / "viz", ignore_errors=True)
+    (mine / "viz").mkdir()
+    for i in (0, 1, 10):
+        Image.new("RGB", (4, 4)).save(mine / "viz" / mining_picture_name(i, f"sub/img{i}.png"))
+    (mine / "viz" / "notes.png").write_bytes(b"")
+    pics = MiningSummary.read(mine).pictures()
+    assert [(p.path.name, p.index) for p in pics] == [("000000_img0.png", 0), ("000001_img1.png", 1),
+                                                      ("000010_img10.png", 10), ("notes.png", None)]
+    man = Manifest.read(mine)
+    assert man.config["stage_dir"] and man.section("miner")["name"] == "lost" and "pseudo_boxes" not in man.inputs
+    assert Manifest.read(base / "cag") is None and MiningSummary.read(base / "cag").failures == 0

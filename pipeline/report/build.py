@@ -26,7 +26,7 @@ from pipeline.layout import Layout
 from pipeline.report import sections
 from pipeline.report.mining import MIN_SIDE, mining, mining_dirs  # noqa: F401 - MIN_SIDE: the report's rule
 from pipeline.report.mining import draw as _draw  # noqa: F401 - tests draw pictures as the report does
-from pipeline.summaries import read_json_or_none as _read
+from pipeline.summaries import Manifest
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 NOT_A_RESULT = "random weights: smoke test, not a result"
@@ -124,8 +124,11 @@ class Builder:
             row = {**st.as_dict(self.args), "path": os.path.relpath(st.path, self.root)}
             rows.append(row)
             self.status[st.stage] = row
-            man = _read(Path(st.path) / "manifest.json")
-            if man:
+            try:
+                man = Manifest.read(Path(st.path))
+            except ValueError:      # unreadable: its state (stale) says so
+                man = None
+            if man is not None:
                 manifests.append(self._manifest_summary(st.stage, man))
         missing = [{"stage": r["stage"], "run": r["command"]} for r in rows if r["state"] == "missing"]
         cad_dir = self.layout.chains[0].dirs["cad"]
@@ -139,10 +142,10 @@ class Builder:
         return {"stages": rows, "manifests": manifests, "missing": missing,
                 "stale": [r["stage"] for r in rows if r["state"] == "stale"]}
 
-    def _manifest_summary(self, stage: str, man: dict) -> dict:
-        cfg = man.get("config") or {}
-        b, d = cfg.get("backbone") or {}, cfg.get("dataset") or {}
-        det, sch, cl = cfg.get("detector") or {}, cfg.get("schedule") or {}, cfg.get("cluster") or {}
+    def _manifest_summary(self, stage: str, manifest: Manifest) -> dict:
+        cfg, man = manifest.config, manifest.raw
+        b, d = manifest.section("backbone"), manifest.section("dataset")
+        det, sch, cl = manifest.section("detector"), manifest.section("schedule"), manifest.section("cluster")
         parts = [f"dataset {d.get('name')} ({d.get('kind')}, {d.get('image_set')}"
                  + (f", first {d['max_images']} images" if d.get("max_images") else "") + ")" if d else "",
                  f"backbone {b.get('arch')} feature {b.get('feature')} init {b.get('init')}" if b else "",
@@ -156,8 +159,8 @@ class Builder:
             self.random_sources.append(f"{stage}/manifest.json: config init=random")
         return {"stage": stage, "git_revision": man.get("git_revision"), "weights_sha256": man.get("weights_sha256"),
                 "backbone": b.get("arch") or b.get("name"), "backbone_init": b.get("init"),
-                "config": "; ".join(p for p in parts if p), "end_time": man.get("end_time"),
-                "wall_time_s": man.get("wall_time_s"), "host_versions": {k: v for k, v in (man.get("versions") or {}).items()
+                "config": "; ".join(p for p in parts if p), "end_time": manifest.end_time,
+                "wall_time_s": manifest.wall_time_s, "host_versions": {k: v for k, v in (man.get("versions") or {}).items()
                                                                           if k in ("python", "torch", "torchvision")}}
 
 

@@ -65,7 +65,7 @@ def next_command(st: "StageState", args: Sequence[str] | None) -> str | None:
 def format_status(states: list["StageState"], args: Sequence[str] | None = None) -> str:
     """One line per stage (``<stage> <label> <dir>  <finished / why / how it goes on>``), and under every stage
     that is not done the command that brings it up to date (:func:`next_command` with ``args``)."""
-    lines = []
+    lines, width = [], max([16, *(len(st.stage) for st in states)])
     for st in states:
         extra = ""
         if st.state == "done" and st.end_time and st.wall_time_s is not None:
@@ -74,8 +74,8 @@ def format_status(states: list["StageState"], args: Sequence[str] | None = None)
             extra = f"  {st.detail}"
         if st.changed:
             extra = "  changed: " + ", ".join(st.changed)
-        lines.append(f"{st.stage:<16} {st.label:<16} {st.path}{extra}")
+        lines.append(f"{st.stage:<{width}} {st.label:<16} {st.path}{extra}")
         command = next_command(st, args)
         if command:
-            lines.append(f"{'':<17}run: {command}")
+            lines.append(f"{'':<{width + 1}}run: {command}")
     return "\n".join(lines)

@@ -22,7 +22,6 @@ state into the command to run, :mod:`pipeline.status.tree` finds a copied tree's
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from pipeline.artifacts import sha256_file
 from pipeline.layout import KINDS, Layout
 from pipeline.status.commands import next_command
 from pipeline.status.tree import inside, reroot, shown, tree_map, visible
-from pipeline.summaries import Manifest, MiningSummary
+from pipeline.summaries import Manifest, MiningSummary, journal_counts
 
 STAGES = KINDS
 # make target of a stage kind; evaluation runs (eval_* below cag/ or cad/) are below
@@ -92,31 +91,11 @@ class StageState:
 
 
 # ----------------------------------------------------------------------------- reading a stage dir
-def _journal_counts(stage_dir: Path) -> tuple[int, int] | None:
-    """(images with a result, images whose last row is a failure) over a mining run's shard journals (the
-    last row of an image wins, as when the journals are merged); None without journals."""
-    results = stage_dir / "results"
-    journals = sorted(results.glob("shard-*.jsonl")) if results.is_dir() else []
-    if not journals:
-        return None
-    last: dict = {}
-    for j in journals:
-        with open(j) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line: the journal cuts it on reopen
-                    continue
-                last[row.get("image_id", row.get("index"))] = row.get("error") is None
-    ok = sum(last.values())
-    return ok, len(last) - ok
-
-
 def _unfinished(name: str, stage_dir: Path, n_images: int | None, kind: str, evaluation: bool) -> StageState:
     """A stage dir without a manifest: a mining run's journals (partial), a training's checkpoint (partial
     or failed), anything else of a training (failed), or nothing (missing)."""
     if kind == "mine":
-        counts = _journal_counts(stage_dir)
+        counts = journal_counts(stage_dir)
         if counts is None:
             return StageState(name, "missing", stage_dir)
         ok, bad = counts
