@@ -281,8 +281,11 @@ def test_status_and_report_find_both_chains(tmp_path, capsys):
     assert [c["stage"] for c in summary["cluster"]] == ["cluster_tokencut/lost/k2", "cluster/lost/k2"]
     assert summary["train_cag"]["stage"] == "cag_tokencut" and summary["train_cag"]["status"]["state"] == "stale"
     assert [e["status"]["stage"] for e in summary["evaluate_cad"]] == ["cad_tokencut/eval_trainval"]
+    assert [t["stage"] for t in summary["other_detectors"]] == ["cag", "cad"]     # LOST's, in their own sections
+    assert summary["other_detectors"][0]["status"]["state"] == "done" and "other-detectors" in summary["sections"]
     html = Path(summary["index"]).read_text()
     assert 'id="cluster_tokencut-lost-k2"' in html and 'id="cluster-lost-k2"' in html
+    assert 'id="cag"' in html and 'id="cad"' in html and 'id="train-cag"' in html
 
 
 def test_the_typed_reader_reads_what_a_real_mining_run_wrote(folder, tmp_path):

@@ -205,8 +205,10 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
         clusters = [sections.cluster(b, folder, d) for folder, d in sections.cluster_runs(b)]
         cad = sections.training(b, "cad", "train-cad (class-aware detector)")
         evals = [sections.evaluation(b, d) for d in sections.evaluations(b)]
+        others = sections.other_detectors(b)
         names = ["provenance"] + (["mining"] if mines else []) + (["train-cag"] if cag else []) + \
-            (["cluster"] if clusters else []) + (["train-cad"] if cad else []) + (["evaluate-cad"] if evals else [])
+            (["cluster"] if clusters else []) + (["train-cad"] if cad else []) + (["evaluate-cad"] if evals else []) + \
+            (["other-detectors"] if others else [])
         random_sources = list(dict.fromkeys(b.random_sources))  # discovery order: mine first
         summary = {
             "title": title or f"{root.parent.name} / {root.name}", "dataset": root.parent.name,
@@ -214,6 +216,7 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
             "random_init": bool(random_sources), "random_sources": random_sources,
             "numbers_are_results": not random_sources, "sections": names, "provenance": prov,
             "mining": mines, "train_cag": cag, "cluster": clusters, "train_cad": cad, "evaluate_cad": evals,
+            "other_detectors": others,
             "notes": sorted(set(b.notes)),
         }
         env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "j2"]),

@@ -17,14 +17,15 @@ from pipeline.report import plots
 from pipeline.summaries import natural_key, pngs, read_json_or_none
 
 if TYPE_CHECKING:
+    from pipeline.layout import Chain
     from pipeline.report.build import Builder
 
 
-def training(b: "Builder", kind: str, title: str) -> dict | None:
-    """The section of the configured chain's detector of ``kind`` (``cag``, ``cad``). A partial or failed one
-    (killed, no results) shows its state, how it goes on and its training log so far, and no numbers: its
-    metrics.json is not there, or is not its."""
-    d = b.layout.chains[0].dirs[kind]
+def training(b: "Builder", kind: str, title: str, chain: "Chain | None" = None) -> dict | None:
+    """The section of a chain's detector of ``kind`` (``cag``, ``cad``; default: the configured chain's). A
+    partial or failed one (killed, no results) shows its state, how it goes on and its training log so far,
+    and no numbers: its metrics.json is not there, or is not its."""
+    d = (chain or b.layout.chains[0]).dirs[kind]
     stage = b.layout.name(d)
     status = b.status.get(stage)
     finished = status is None or status["state"] in ("done", "stale")
@@ -62,6 +63,19 @@ def training(b: "Builder", kind: str, title: str) -> dict | None:
             out["evaluations"].append({"name": e.name, "status": b.status.get(f"{stage}/{e.name}"),
                                        "corloc": mm.get("corloc"), "AP50": mm.get("AP50"),
                                        "AP": mm.get("AP"), "images": mm.get("images"), "random_init": rnd})
+    return out
+
+
+def other_detectors(b: "Builder") -> list[dict]:
+    """The detectors of the chains the config does not name (``cag_tokencut/`` beside a LOST report) that
+    exist, each with its own section."""
+    out = []
+    for chain in b.layout.chains[1:]:
+        for kind, what in (("cag", "class-agnostic"), ("cad", "class-aware")):
+            if chain.dirs[kind].is_dir():
+                name = b.layout.name(chain.dirs[kind])
+                t = training(b, kind, f"{name} (train-{kind}, {what} detector)", chain)
+                out += [t] if t else []
     return out
 
 
