@@ -70,9 +70,10 @@ def run_chain(data: list[str], *, labelled: bool) -> dict:
 
 
 def _check_pictures(base, mine_dir: str, n_mine: int):
+    chain = mine_dir[len("mine"):]     # a chain's downstream folders are keyed like its mine folder (cag_tokencut)
     assert len(_pngs(base / mine_dir / "viz")) == n_mine and (base / mine_dir / "contact_sheet.png").is_file()
-    assert _pngs(base / "cag" / "viz") and _pngs(base / "cad" / "viz")
-    assert _pngs(base / "cluster" / "lost" / "k2" / "galleries")
+    assert _pngs(base / f"cag{chain}" / "viz") and _pngs(base / f"cad{chain}" / "viz")
+    assert _pngs(base / f"cluster{chain}" / "lost" / "k2" / "galleries")
     page = (base / "report" / "index.html").read_text()
     assert "Traceback" not in page and "RANDOM" in page
     for p in (base / "report").rglob("*.png"):
