@@ -10,6 +10,11 @@ workers). Both are recorded in the stage's ``manifest.json``. On a rerun of a co
 - other artifact settings: refuse with :class:`RerunRefused`, naming the changed keys, unless forced.
 
 ``force`` always means: replace the results (``run``).
+
+A training stage also has a checkpoint, which may be partial: :func:`plan_checkpoint` decides what a run does
+with it (train from scratch, resume it, or only report on the finished model), and never overwrites it with
+another configuration's training. The messages speak of files and settings; the stage adds how to change
+them (its config keys), so the library never names one.
 """
 from __future__ import annotations
 
@@ -73,6 +78,39 @@ def plan_rerun(stage_dir: str | os.PathLike, *, stage: str, artifact: dict, repo
                            "those settings.")
     report_changes = diff_values(man.get("report"), report)
     return Rerun("report", tuple(report_changes)) if report_changes else Rerun("skip")
+
+
+class CheckpointRefused(RerunRefused):
+    """A checkpoint a run may not continue or overwrite. ``kind``: ``"changed"`` (trained with another
+    configuration) or ``"partial"`` (a partial training of this configuration, and no resume asked)."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def plan_checkpoint(path: str | os.PathLike, ckpt: dict | None, artifact: dict, *, resume: bool,
+                    inputs: dict[str, str] | None = None) -> str:
+    """What a training run does with the checkpoint at ``path`` (``ckpt``: its contents, None when there is
+    none) given this run's ``artifact`` settings: ``"train"`` (none there), ``"resume"`` (partial, ``resume``,
+    same settings) or ``"report"`` (complete, same settings: only the report is redone on it). Anything else
+    is a :class:`CheckpointRefused` naming the changed settings (``inputs``: :func:`explain_changes`): a model
+    is never overwritten unless forced, which the caller decides."""
+    if ckpt is None:
+        return "train"
+    changes = explain_changes(diff_values(ckpt.get("artifact_config") or {}, artifact), inputs)
+    done, target = int(ckpt.get("iteration", 0)), (ckpt.get("schedule") or {}).get("iterations")
+    if changes:
+        what = "cannot resume from" if resume else "will not overwrite"
+        state = "a finished model" if done >= int(target or 0) else f"a partial training (iteration {done} of {target})"
+        raise CheckpointRefused(f"{what} {path}: {state} trained with a different configuration "
+                                f"({format_changes(changes)})", kind="changed")
+    if target is not None and done >= int(target):
+        return "report"
+    if not resume:
+        raise CheckpointRefused(f"will not overwrite {path}: it holds a partial training (iteration {done} of "
+                                f"{target}) of this configuration", kind="partial")
+    return "resume"
 
 
 def _canonical(obj: Any) -> Any:

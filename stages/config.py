@@ -21,6 +21,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.clustering.settings import ClusteringSettings
+from pipeline.detection.schedule import Schedule
+from pipeline.detection.settings import DetectorSettings
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("paths", "dataset", "backbone", "miner", "detector", "schedule")
@@ -69,42 +71,6 @@ def miner_schemas() -> dict[str, type]:
 
 
 MINER_SCHEMAS = miner_schemas()
-
-
-@dataclass
-class DetectorConf:
-    name: str = MISSING
-    preset: str = MISSING
-    init: str = MISSING
-    weights: Optional[str] = None
-    min_size: Any = MISSING                  # one shorter side, or a list (multi-scale training)
-    max_size: int = MISSING
-    test_min_size: Optional[int] = None
-    nms: float = 0.4
-    score_thresh: float = 0.01
-    batch_size_per_image: int = 512
-    rpn_batch_size_per_image: int = 256
-    rpn_topk: Optional[List[int]] = None
-    detections_per_img: int = 100
-    norm: Optional[str] = None
-
-
-@dataclass
-class ScheduleConf:
-    name: str = MISSING
-    iterations: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 0
-    warmup_factor: float = 1e-3
-    steps: List[int] = field(default_factory=list)
-    gamma: float = 0.1
-    checkpoint_period: int = 2000
-    log_period: int = 20
-    amp: bool = True
-    clip_grad: Optional[float] = None
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -242,8 +208,8 @@ def eval_dir_of(detections: str | None, default: str) -> str:
     return str(p.parent / f"eval_{p.stem}")
 
 
-_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": BackboneConf, "detector": DetectorConf,
-                  "schedule": ScheduleConf}
+_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": BackboneConf, "detector": DetectorSettings,
+                  "schedule": Schedule}
 
 
 def register() -> None:

@@ -16,18 +16,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import write_json
+from pipeline.artifacts import write_json, write_manifest
+from pipeline.detection.checkpoint import load_detector
+from pipeline.evaluation.detections import ap_mode
+from pipeline.provenance import random_init as is_random
 from stages.common import StageError, Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
 from stages.config import stage_main
 from stages.detector_common import detect_score_draw, format_eval, warn_if_random
 
 
 def run(cfg: DictConfig) -> dict:
-    from pipeline.artifacts import write_manifest
-    from pipeline.detection.checkpoint import load_detector
-    from pipeline.evaluation.detections import ap_mode
-    from pipeline.provenance import random_init as is_random
-
     timer = Timer()
     model_path = Path(str(cfg.evaluate_cag.model))
     model, spec, meta = load_detector(

@@ -57,8 +57,9 @@ def test_dino_keys_land_on_the_right_tensors(dino_file, preset):
         checked += 1
     assert checked >= 265  # 53 convs + 53 BNs x 4 tensors
     from pipeline.detection.checkpoint import DetectorSpec
+    from pipeline.detection.settings import DetectorSettings
 
-    spec = DetectorSpec.from_build_kwargs({"preset": preset, "num_classes": 1, "init": "dino", "weights": str(path)})
+    spec = DetectorSpec.create(DetectorSettings(preset, init="dino", weights=str(path)), 1)
     assert spec.init == "dino" and spec.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not hasattr(model, "detector_info")  # what a detector is travels in its DetectorSpec, not on the module
 
@@ -125,8 +126,11 @@ def test_key_errors_name_the_keys_and_the_file(tmp_path, dino_file):
 
 
 def test_bad_arguments_give_clear_errors(tmp_path):
-    with pytest.raises(WeightsError, match=DINO_RESNET50_URL.replace(".", r"\.") + r".*detector\.weights="):
+    from stages.checks import in_config_keys
+
+    with pytest.raises(WeightsError, match=DINO_RESNET50_URL.replace(".", r"\.") + r".*pass weights=") as e:
         build_detector("r50_c4", 1, init="dino")
+    assert "detector.weights=/path/to/" in in_config_keys(str(e.value), "train_cag")  # what the stage says
     with pytest.raises(WeightsError, match=r"not found.*nope\.pth"):
         build_detector("r50_c4", 1, init="dino", weights=str(tmp_path / "nope.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")

@@ -9,12 +9,13 @@ import torch
 
 from pipeline.artifacts import ArtifactError
 from pipeline.detection.checkpoint import FORMAT, Checkpointer, DetectorSpec, load_detector
+from pipeline.detection.settings import DetectorSettings
 from pipeline.detection.trainer import Hook, Schedule, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(min_size=[56, 64], max_size=96, rpn_topk=[60, 20, 60, 10], batch_size_per_image=16,
-            rpn_batch_size_per_image=32, seed=5)
+            rpn_batch_size_per_image=32)
 
 
 def test_schedule_fields_mirror_the_schedule_configs():
@@ -35,8 +36,8 @@ def test_schedule_fields_mirror_the_schedule_configs():
 
 
 def test_spec_round_trips_and_load_detector_rebuilds_the_trained_model(tmp_path):
-    spec = DetectorSpec.from_build_kwargs({"preset": "mobilenet_fpn", "num_classes": 2, "init": "random",
-                                           "weights": None, **TINY}, category_ids=[3, 7], category_names=["a", "b"])
+    spec = DetectorSpec.create(DetectorSettings("mobilenet_fpn", **TINY), 2, seed=5, category_ids=[3, 7],
+                               category_names=["a", "b"])
     assert DetectorSpec.from_dict(spec.to_dict()) == spec and spec.random_init and spec.weights_sha256 is None
     model = spec.build_model()
     with torch.no_grad():  # make the weights differ from a fresh build of the spec
@@ -63,8 +64,8 @@ def test_spec_round_trips_and_load_detector_rebuilds_the_trained_model(tmp_path)
 
 def test_older_or_foreign_checkpoints_are_a_clear_error(tmp_path):
     torch.save({"model": {}, "config": {"build": {}}, "detector_info": {}}, tmp_path / "old.pt")
-    with pytest.raises(ArtifactError, match="older version.*FORCE=1"):
-        load_detector(tmp_path / "old.pt")
+    with pytest.raises(ArtifactError, match="older version.*retrained. FORCE=1 retrains it"):
+        load_detector(tmp_path / "old.pt", hint="FORCE=1 retrains it.")  # the stage says how, in its keys
     with pytest.raises(ArtifactError, match="not found"):
         load_detector(tmp_path / "none.pt", hint="Run make train-cag.")
 
@@ -103,3 +104,22 @@ def test_extra_hooks_are_called_around_the_steps(tmp_path):
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=False)["schedule"]["iterations"] == 3
     with pytest.raises(TypeError, match="either a Schedule or its fields"):
         train(_Toy(), ds, sch, out_dir=tmp_path / "x", lr=0.2)
+
+
+def test_plan_checkpoint_decides_train_resume_report_or_refuses_without_naming_config_keys():
+    from pipeline.rerun import CheckpointRefused, plan_checkpoint
+
+    art = {"schedule": {"lr": 0.1}, "input_sha256": "a"}
+    done = {"artifact_config": art, "iteration": 4, "schedule": {"iterations": 4}}
+    half = {**done, "iteration": 2}
+    assert plan_checkpoint("m.pt", None, art, resume=False) == "train"
+    assert plan_checkpoint("m.pt", done, art, resume=False) == "report"
+    assert plan_checkpoint("m.pt", half, art, resume=True) == "resume"
+    with pytest.raises(CheckpointRefused, match=r"partial training \(iteration 2 of 4\) of this configuration$") as e:
+        plan_checkpoint("m.pt", half, art, resume=False)
+    assert e.value.kind == "partial"
+    other = {"schedule": {"lr": 0.2}, "input_sha256": "b"}
+    with pytest.raises(CheckpointRefused, match=r"cannot resume from m\.pt: a partial training .*\(the input changed "
+                                                r"since; schedule\.lr: 0\.1 -> 0\.2\)$") as e:
+        plan_checkpoint("m.pt", half, other, resume=True, inputs={"input_sha256": "the input"})
+    assert e.value.kind == "changed" and "FORCE" not in str(e.value) and "resume=" not in str(e.value)

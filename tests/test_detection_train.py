@@ -149,7 +149,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
 
 
 def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatch):
-    import pipeline.detection.trainer as trainer
+    import pipeline.detection.hooks as hooks
 
     class Writer:
         scalars: list = []
@@ -161,7 +161,7 @@ def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatc
         def close(self):
             Writer.closed = True
 
-    monkeypatch.setattr(trainer, "_tensorboard", lambda out_dir: Writer())
+    monkeypatch.setattr(hooks, "_tensorboard", lambda out_dir: Writer())
     ds = _synthetic_dataset(tmp_path, n=2)
     _run(tmp_path / "tb", ds, iterations=2, log_period=1)
     tags = {t for t, _ in Writer.scalars}

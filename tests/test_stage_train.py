@@ -294,7 +294,8 @@ def test_dino_init_without_weights_file_is_a_clear_error(trained, tmp_path, caps
 
 def test_configs_encode_the_lost_recipe_and_the_schedules():
     from pipeline.detection.builders import TRAIN_SIZES_480_800
-    from stages.train_common import detector_build_kwargs  # the stages' config -> build arguments
+    from pipeline.detection.settings import DetectorSettings  # the detector group's schema
+    from stages.common import to_container
 
     cfg = compose_cfg("train_cag", [])
     d, s = cfg.detector, cfg.schedule
@@ -306,10 +307,11 @@ def test_configs_encode_the_lost_recipe_and_the_schedules():
     ref = compose_cfg("train_cag", ["schedule=voc07_reference"]).schedule
     assert ref.iterations == 10000 and ref.iterations < min(ref.steps)  # the reference's LR never decays
     assert compose_cfg("train_cag", ["detector=mobilenet_fpn"]).detector.init == "random"
-    kw = detector_build_kwargs(compose_cfg("train_cag", ["detector=mobilenet_fpn", "schedule=smoke"]), 3)
-    assert (kw["num_classes"], kw["min_size"], kw["max_size"], kw["test_min_size"], kw["rpn_topk"], kw["nms"]) == \
-        (3, [128, 160], 256, 160, [200, 50, 200, 50], 0.4)
-    assert detector_build_kwargs(cfg, 1)["min_size"] == list(TRAIN_SIZES_480_800)
+    kw = DetectorSettings.from_dict(to_container(compose_cfg("train_cag", ["detector=mobilenet_fpn",
+                                                                           "schedule=smoke"]).detector))
+    assert (kw.preset, kw.min_size, kw.max_size, kw.test_min_size, kw.rpn_topk, kw.nms) == \
+        ("mobilenet_fpn", [128, 160], 256, 160, [200, 50, 200, 50], 0.4)
+    assert DetectorSettings.from_dict(to_container(cfg.detector)).min_size == list(TRAIN_SIZES_480_800)
     same_args = ["detector=mobilenet_fpn", "detector.init=random", "schedule=smoke", "miner=lost"]
     for name in ("train_cad", "evaluate_cag", "evaluate_cad"):  # one ARGS for `make train-cag ... evaluate-cad`
         assert compose_cfg(name, same_args).detector.preset == "mobilenet_fpn"
@@ -404,7 +406,9 @@ def test_a_detector_is_random_when_its_weights_or_its_boxes_were():
     from pipeline.detection.checkpoint import DetectorSpec
     from pipeline.provenance import random_init
 
-    dino, rand = DetectorSpec("r50_c4", 1, init="dino"), DetectorSpec("mobilenet_fpn", 1, init="random")
+    from pipeline.detection.settings import DetectorSettings
+
+    dino, rand = DetectorSpec(DetectorSettings("r50_c4", init="dino"), 1), DetectorSpec("mobilenet_fpn", 1)
     assert random_init(spec=dino, provenance={"boxes_random_init": False}) is False
     assert random_init(spec=dino, provenance={"boxes_random_init": True}) is True   # real detector, random pseudo-boxes
     assert random_init(spec=rand, provenance={}) is True

@@ -14,12 +14,15 @@ Presets (``num_classes`` = foreground classes, 1 for class-agnostic; the predict
 - ``mobilenet_fpn``: torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` structure, random init
   only (no DINO MobileNet exists); what the CPU tests use.
 
-``init``: ``"random"`` or ``"dino"``/``"imagenet"`` (a torchvision-format ResNet-50 file given as
-``weights``; nothing is ever downloaded). What a detector is (preset, init, weights sha256, classes,
-sizes) is a :class:`pipeline.detection.checkpoint.DetectorSpec`, saved with the weights in its checkpoint.
+How a detector is built (preset, init, weights, sizes, RoI sampling, NMS) is a :class:`DetectorSettings`, the
+schema of ``conf/detector/*.yaml`` and the one place of its defaults. ``init``: ``"random"`` or
+``"dino"``/``"imagenet"`` (a torchvision-format ResNet-50 file given as ``weights``; nothing is ever
+downloaded). What a trained detector is (settings, seed, weights sha256, classes) is a
+:class:`pipeline.detection.checkpoint.DetectorSpec`, saved with the weights in its checkpoint.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -32,11 +35,10 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, fasterrc
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from pipeline.detection.settings import INITS, PRESETS, DetectorSettings, check_settings  # noqa: F401
 from pipeline.detection.c4 import Res5BoxHead, ResNetC4Backbone, RoIAlignC4, freeze, freeze_batchnorm
 from pipeline.detection.weights import INIT_URLS, WeightsError, load_resnet50_weights
 
-PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn")
-INITS = ("random", "dino", "imagenet")
 # detectron2's default multi-scale training sizes (shorter side 480..800 step 32).
 TRAIN_SIZES_480_800 = tuple(range(480, 801, 32))
 _RPN_TOPK = {  # (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test)
@@ -67,46 +69,14 @@ class _Transform(GeneralizedRCNNTransform):
             self.min_size = saved
 
 
-def check_settings(preset: str, *, init: str = "random", min_size: int | Sequence[int] = 800, max_size: int = 1333,
-                   test_min_size: int | None = None, batch_size_per_image: int = 512,
-                   rpn_batch_size_per_image: int = 256, rpn_topk: Sequence[int] | None = None, nms: float = 0.4,
-                   score_thresh: float = 0.01, detections_per_img: int = 100, norm: str = "bn",
-                   **_files_and_seed) -> None:
-    """The values :func:`build_detector` takes, checked without building anything (a ValueError naming the
-    first parameter out of range), so a bad setting is refused before a stage touches its results."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown detector preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if init not in INITS:
-        raise ValueError(f"unknown detector init {init!r}; choose one of {', '.join(INITS)}")
-    if init != "random" and preset == "mobilenet_fpn":
-        raise ValueError(f"init {init} is not available for preset mobilenet_fpn, which supports only init random "
-                         "(no such MobileNet checkpoint); use preset r50_c4 or r50_fpn for pretrained weights")
-    sizes = list(min_size) if isinstance(min_size, Sequence) else [min_size]
-    positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1  # noqa: E731
-    unit = lambda v: isinstance(v, (int, float)) and 0 <= v <= 1  # noqa: E731
-    rules = [("min_size", bool(sizes) and all(positive(v) for v in sizes), "one or more sizes >= 1 (px)"),
-             ("max_size", positive(max_size), ">= 1 (px)"),
-             ("test_min_size", test_min_size is None or positive(test_min_size), ">= 1 (px) or None"),
-             ("batch_size_per_image", positive(batch_size_per_image), ">= 1"),
-             ("rpn_batch_size_per_image", positive(rpn_batch_size_per_image), ">= 1"),
-             ("rpn_topk", rpn_topk is None or (len(rpn_topk) == 4 and all(positive(v) for v in rpn_topk)),
-              "None or 4 counts >= 1 (pre/post-NMS train, pre/post-NMS test)"),
-             ("nms", unit(nms), "an IoU in [0, 1]"), ("score_thresh", unit(score_thresh), "in [0, 1]"),
-             ("detections_per_img", positive(detections_per_img), ">= 1"),
-             ("norm", norm in ("bn", "frozen_bn"), "'bn' or 'frozen_bn'")]
-    for name, ok, what in rules:
-        if not ok:
-            raise ValueError(f"detector {preset}: {name} must be {what}, got {locals()[name]!r}")
-
-
-def _check(preset: str, num_classes: int, init: str, weights) -> None:
-    check_settings(preset, init=init)
+def _check(s: DetectorSettings, num_classes: int) -> None:
+    s.check()
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1 foreground classes (1 = class-agnostic), got {num_classes}")
-    if init != "random" and not weights:
-        raise WeightsError(f"detector.init={init} needs a torchvision-format ResNet-50 file: download "
-                           f"{INIT_URLS[init]} and pass detector.weights=/path/to/{INIT_URLS[init].rsplit('/', 1)[-1]}"
-                           " (nothing is downloaded implicitly), or use detector.init=random")
+    if s.init != "random" and not s.weights:
+        raise WeightsError(f"init={s.init} needs a torchvision-format ResNet-50 file: download "
+                           f"{INIT_URLS[s.init]} and pass weights=/path/to/{INIT_URLS[s.init].rsplit('/', 1)[-1]} "
+                           "(nothing is downloaded implicitly), or use init=random")
 
 
 def _build_c4(num_classes: int, norm: str, rpn_topk, **kw) -> FasterRCNN:
@@ -133,43 +103,24 @@ def _finish_c4(model: FasterRCNN, pretrained: bool, norm: str) -> None:
         freeze_batchnorm(model.roi_heads.box_head)
 
 
-def build_detector(
-    preset: str,
-    num_classes: int = 1,
-    *,
-    init: str = "random",
-    weights: str | None = None,
-    min_size: int | Sequence[int] = 800,
-    max_size: int = 1333,
-    test_min_size: int | None = None,
-    batch_size_per_image: int = 512,
-    rpn_batch_size_per_image: int = 256,
-    rpn_topk: Sequence[int] | None = None,
-    nms: float = 0.4,
-    score_thresh: float = 0.01,
-    detections_per_img: int = 100,
-    norm: str = "bn",
-    seed: int = 0,
-) -> FasterRCNN:
-    """Build a torchvision ``FasterRCNN`` for ``num_classes`` foreground classes.
-
-    ``min_size``: training shorter side(s); a tuple means multi-scale training (a random choice per
-    batch, made by torchvision's transform). ``test_min_size`` defaults to the largest training size.
-    ``rpn_topk``: (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test), default per preset.
-    ``norm`` (r50_c4 only): ``"bn"`` (recipe) or ``"frozen_bn"`` (all batch norms frozen, no extra
-    norm: for tiny batches). Random initialisation is a pure function of ``seed``; the global RNG is
-    left untouched.
+def build_detector(preset: str | DetectorSettings, num_classes: int = 1, *, seed: int = 0,
+                   **settings) -> FasterRCNN:
+    """Build a torchvision ``FasterRCNN`` for ``num_classes`` foreground classes from a
+    :class:`DetectorSettings` (or a preset name and the settings' fields as keywords; ``settings`` given with a
+    :class:`DetectorSettings` replace its fields). Random initialisation is a pure function of ``seed``; the
+    global RNG is left untouched.
     """
-    _check(preset, num_classes, init, weights)
-    if norm not in ("bn", "frozen_bn"):
-        raise ValueError(f"detector norm must be 'bn' or 'frozen_bn', got {norm!r}")
-    sizes = tuple(int(s) for s in (min_size if isinstance(min_size, Sequence) else (min_size,)))
-    test_size = int(test_min_size) if test_min_size else max(sizes)
-    topk = tuple(rpn_topk) if rpn_topk is not None else _RPN_TOPK[preset]
+    s = preset if isinstance(preset, DetectorSettings) else DetectorSettings(preset=preset)
+    s = replace(s, **settings) if settings else s
+    _check(s, num_classes)
+    preset, init, weights, min_size, norm = s.preset, s.init, s.weights, s.min_size, s.norm or "bn"
+    sizes = tuple(int(v) for v in (min_size if isinstance(min_size, Sequence) else (min_size,)))
+    test_size = int(s.test_min_size) if s.test_min_size else max(sizes)
+    topk = tuple(s.rpn_topk) if s.rpn_topk is not None else _RPN_TOPK[preset]
     pretrained = init != "random"
-    kw = dict(min_size=sizes, max_size=max_size, box_batch_size_per_image=batch_size_per_image,
-              rpn_batch_size_per_image=rpn_batch_size_per_image, box_nms_thresh=nms,
-              box_score_thresh=score_thresh, box_detections_per_img=detections_per_img)
+    kw = dict(min_size=sizes, max_size=s.max_size, box_batch_size_per_image=s.batch_size_per_image,
+              rpn_batch_size_per_image=s.rpn_batch_size_per_image, box_nms_thresh=s.nms,
+              box_score_thresh=s.score_thresh, box_detections_per_img=s.detections_per_img)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if preset == "r50_c4":
@@ -194,6 +145,6 @@ def build_detector(
     if preset == "r50_c4":
         _finish_c4(model, pretrained, norm)
     t = model.transform
-    model.transform = _Transform(sizes, max_size, t.image_mean, t.image_std, test_min_size=test_size)
+    model.transform = _Transform(sizes, s.max_size, t.image_mean, t.image_std, test_min_size=test_size)
     return model
 

@@ -18,69 +18,90 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.artifacts import ArtifactError, atomic_path, sha256_file
+from pipeline.detection.settings import DetectorSettings
 
 FORMAT = "lost-pipeline/detector-v1"
-# build_detector keyword arguments a spec stores besides preset / num_classes / init / weights
-BUILD_KEYS = ("min_size", "max_size", "test_min_size", "batch_size_per_image", "rpn_batch_size_per_image",
-              "rpn_topk", "nms", "score_thresh", "detections_per_img", "norm", "seed")
+_TOP = ("preset", "init", "weights")  # settings stored beside ``build`` in the checkpoint's spec
 
 
 @dataclass
 class DetectorSpec:
     """Everything needed to rebuild a trained detector and read its outputs.
 
-    ``build``: the other :func:`pipeline.detection.builders.build_detector` arguments (sizes, RoI
-    sampling, NMS, ``seed``...). ``init``/``weights``/``weights_sha256``: how the weights started
-    (``init="random"``: no file). ``category_ids[label - 1]`` / ``category_names[label - 1]``: the COCO
-    category of the model's label ``label`` (1..num_classes).
+    ``settings``: how it is built (:class:`~pipeline.detection.settings.DetectorSettings`, or a preset name for
+    that preset's defaults); ``seed``: its random initialisation; ``weights_sha256``: the file its weights
+    started from (``init="random"``: none). ``category_ids[label - 1]`` / ``category_names[label - 1]``: the
+    COCO category of the model's label ``label`` (1..num_classes).
+
+    Stored in ``model.pt`` as ``{"preset", "num_classes", "init", "weights", "weights_sha256", "build": the
+    other settings and the seed, "category_ids", "category_names"}`` (:meth:`to_dict`, :meth:`from_dict`).
     """
-    preset: str
+    settings: DetectorSettings
     num_classes: int
-    init: str = "random"
-    weights: str | None = None
+    seed: int = 0
     weights_sha256: str | None = None
-    build: dict[str, Any] = field(default_factory=dict)
     category_ids: list[int] = field(default_factory=list)
     category_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.build) - set(BUILD_KEYS))
-        if unknown:
-            raise ValueError(f"unknown detector build argument(s) {unknown}; known: {', '.join(BUILD_KEYS)}")
+        if isinstance(self.settings, str):
+            self.settings = DetectorSettings(preset=self.settings)
         if not self.category_ids:
             self.category_ids = list(range(1, int(self.num_classes) + 1))
         if len(self.category_ids) != int(self.num_classes):
             raise ValueError(f"{len(self.category_ids)} category ids for {self.num_classes} classes")
 
     @classmethod
-    def from_build_kwargs(cls, kwargs: dict, *, category_ids=None, category_names=None) -> "DetectorSpec":
-        """From ``build_detector`` keyword arguments (``preset``, ``num_classes``, ``init``, ``weights``,
-        sizes...); the weights file's sha256 is computed when there is one."""
-        kw = dict(kwargs)
-        preset, num_classes = str(kw.pop("preset")), int(kw.pop("num_classes"))
-        init, weights = str(kw.pop("init", "random")), kw.pop("weights", None)
-        weights = None if init == "random" or weights is None else str(weights)
+    def create(cls, settings: DetectorSettings, num_classes: int, *, seed: int = 0, category_ids=None,
+               category_names=None) -> "DetectorSpec":
+        """The spec of a detector about to be trained: the weights file's sha256 is computed when there is one
+        (no file is kept with ``init="random"``)."""
+        weights = None if settings.init == "random" or settings.weights is None else str(settings.weights)
         sha = sha256_file(weights) if weights and Path(weights).is_file() else None
-        return cls(preset, num_classes, init, weights, sha, kw, list(category_ids or []), list(category_names or []))
+        return cls(replace(settings, weights=weights), int(num_classes), int(seed), sha, list(category_ids or []),
+                   list(category_names or []))
 
     @classmethod
     def from_dict(cls, d: dict) -> "DetectorSpec":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        known = {"num_classes", "weights_sha256", "build", "category_ids", "category_names", *_TOP}
+        unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown DetectorSpec field(s) {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        build = dict(d.get("build") or {})
+        seed = build.pop("seed", 0)
+        names = {f.name for f in fields(DetectorSettings)} - set(_TOP)
+        unknown = sorted(set(build) - names)
+        if unknown:
+            raise ValueError(f"unknown detector build argument(s) {unknown}; known: {', '.join(sorted(names))}")
+        settings = DetectorSettings(**{k: d[k] for k in _TOP if k in d}, **build)
+        return cls(settings, int(d["num_classes"]), seed, d.get("weights_sha256"), list(d.get("category_ids") or []),
+                   list(d.get("category_names") or []))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        s = asdict(self.settings)
+        build = {k: v for k, v in s.items() if k not in _TOP}
+        return {"preset": s["preset"], "num_classes": self.num_classes, "init": s["init"],
+                "weights": s["weights"], "weights_sha256": self.weights_sha256, "build": {**build, "seed": self.seed},
+                "category_ids": list(self.category_ids), "category_names": list(self.category_names)}
+
+    @property
+    def preset(self) -> str:
+        return self.settings.preset
+
+    @property
+    def init(self) -> str:
+        return self.settings.init
+
+    @property
+    def weights(self) -> str | None:
+        return self.settings.weights
 
     @property
     def random_init(self) -> bool:
@@ -91,8 +112,8 @@ class DetectorSpec:
         into; no weights file needed)."""
         from pipeline.detection.builders import build_detector
 
-        init, weights = (self.init, self.weights) if pretrained else ("random", None)
-        return build_detector(self.preset, self.num_classes, init=init, weights=weights, **self.build)
+        settings = self.settings if pretrained else replace(self.settings, init="random", weights=None)
+        return build_detector(settings, self.num_classes, seed=self.seed)
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -122,7 +143,7 @@ def read_checkpoint(path: str | os.PathLike, hint: str = "", *, mmap: bool = Fal
         raise ArtifactError(f"cannot read detector checkpoint {path} ({type(e).__name__}: {e}). {hint}".strip()) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or not ckpt.get("spec"):
         raise ArtifactError(f"{path} is not a {FORMAT} detector checkpoint (written by an older version of the "
-                            f"pipeline, or not by train-cag/train-cad); retrain it (FORCE=1, force=true). {hint}".strip())
+                            f"pipeline, or not by train-cag/train-cad); it has to be retrained. {hint}".strip())
     return ckpt
 
 
@@ -149,7 +170,7 @@ def load_detector(path: str | os.PathLike, hint: str = "") -> tuple[torch.nn.Mod
     bad = [k for k in [*res.missing_keys, *res.unexpected_keys] if not k.endswith("num_batches_tracked")]
     if bad:
         raise ArtifactError(f"{path}: weights do not fit the {spec.preset} detector it describes "
-                            f"({len(bad)} keys, e.g. {bad[:3]}). Retrain with force=true.")
+                            f"({len(bad)} keys, e.g. {bad[:3]}); it has to be retrained. {hint}".strip())
     meta = {"path": str(path), "iteration": int(ckpt.get("iteration", 0)), "complete": checkpoint_complete(ckpt),
             "schedule": ckpt.get("schedule") or {}, "artifact_config": ckpt.get("artifact_config") or {},
             "provenance": ckpt.get("provenance") or {}}
@@ -188,7 +209,7 @@ class Checkpointer:
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
         if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
             raise ArtifactError(f"cannot resume from {self.path}: not a {FORMAT} checkpoint (an older version of "
-                                "the pipeline wrote it); start over with force=true (FORCE=1)")
+                                "the pipeline wrote it); it has to be trained again from the start")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -32,7 +32,7 @@ from pipeline.data.paths import resolve_image_path
 
 STAT_KEYS = ("images_used", "boxes_used", "images_missing", "images_size_mismatch", "images_without_boxes",
              "boxes_degenerate", "boxes_clipped", "boxes_unknown_category", "boxes_on_unknown_images")
-MAKER_HINT = "It is written by the `mine` stage (make mine; pseudo_boxes.json) or the `cluster` stage (pseudo_labels.json)."
+MAKER_HINT = "It is written by the mine stage (pseudo_boxes.json) or the cluster stage (pseudo_labels.json)."
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -162,3 +162,29 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 epoch, order = e, epoch_order(self.n, self.seed, e, self.flip)
             yield order[pos % self.n]
             pos += self.world
+
+
+class TrainLoader:
+    """The training batches of this process (built once, like any loader; iterated from an iteration, which
+    makes a resume exact): an endless :class:`InfiniteSampler` over ``dataset`` seeded by ``seed``, this
+    rank's share ``batch_size // world`` of the global ``batch_size``. Build it with
+    :func:`pipeline.detection.trainer.build_train_loader`."""
+
+    def __init__(self, dataset, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 num_workers: int = 0, flip: bool = True, pin_memory: bool = False) -> None:
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world} processes; "
+                             "change it or --nproc_per_node")
+        if len(dataset) == 0:
+            raise ValueError("the training set is empty")
+        self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, int(batch_size), int(seed), rank, world
+        self.num_workers, self.flip, self.pin_memory = int(num_workers), bool(flip), bool(pin_memory)
+
+    def loader(self, start_iteration: int = 0) -> torch.utils.data.DataLoader:
+        """The DataLoader whose first batch is that of iteration ``start_iteration``."""
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size // self.world,
+            sampler=InfiniteSampler(len(self.dataset), self.seed, start_iteration * self.batch_size, self.rank,
+                                    self.world, self.flip),
+            num_workers=self.num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(self.seed),
+            pin_memory=self.pin_memory)

@@ -49,12 +49,10 @@ def available_gib(device: str) -> float | None:
 def check_train_memory(preset: str, images: int, short_side: int, device: str, *, rois_per_image: int = 512,
                        amp: bool = False, margin: float = 1.5) -> str | None:
     """A message when the estimate exceeds ``margin`` times the free memory of ``device`` (obviously too
-    much), else None."""
+    much), else None. The caller adds what to change (its own settings' names)."""
     need = estimate_train_gib(preset, images, short_side, rois_per_image, amp)
     have = available_gib(device)
     if have is None or need <= margin * have:
         return None
     return (f"training {preset} with {images} images per step at {short_side} px needs about {need:.0f} GiB on "
-            f"{device}, which has {have:.0f} GiB free: lower schedule.batch_size (and schedule.lr with it), the "
-            "image sizes (detector.min_size / detector.max_size), use more GPUs (make ... NPROC=N), or try the "
-            "code with detector=mobilenet_fpn schedule=smoke")
+            f"{device}, which has {have:.0f} GiB free")
