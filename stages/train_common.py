@@ -1,30 +1,17 @@
 """The shared entry of the two training stages (train-cag, train-cad): :func:`run_training`, which reads top
-to bottom as detectron2's ``do_train``: plan -> data -> model -> train -> report.
+to bottom as detectron2's ``do_train``: plan (:func:`pipeline.rerun.plan_rerun` on the finished results,
+:func:`pipeline.rerun.plan_checkpoint` on model.pt, device memory) -> data (the COCO training set, the records
+the report runs on) -> model (a ``DetectorSpec`` of the configured ``DetectorSettings``) -> train (model on its
+device, ``build_optimizer``, ``build_scheduler``, the loader, DDP, the ``Trainer``) -> report (detections,
+scores, pictures -> metrics.json, manifest.json).
 
-- plan: the rerun decision (:func:`pipeline.rerun.plan_rerun` on the finished results, then
-  :func:`pipeline.rerun.plan_checkpoint` on ``model.pt``), the schedule, the device and its memory;
-- data: the validated COCO training set (:class:`~pipeline.detection.data.DetectionDataset`) and the records
-  the report runs the detector on (:func:`pipeline.data.box_file.training_set_records`);
-- model: a :class:`~pipeline.detection.checkpoint.DetectorSpec` of the configured
-  :class:`~pipeline.detection.settings.DetectorSettings` and the dataset's classes;
-- train: the model on its device, ``build_optimizer``, ``build_scheduler``, the loader, DDP, the
-  :class:`~pipeline.detection.trainer.Trainer` with its :class:`~pipeline.detection.checkpoint.Checkpointer`;
-- report: detections + scores + pictures on the training images (:func:`stages.detector_common.detect_score_draw`)
-  -> metrics.json, manifest.json.
-
-What decides the artifact vs. the report. ``model.pt`` stores its *artifact config*: the stage's
-``artifact_keys`` (dataset, backbone, [miner,] detector, schedule, seed, ``<section>``.boxes/labels/
-cluster_run/image_root/min_box_size) and the input file's sha256. The *report* keys (``REPORT_KEYS``:
-eval, viz, progress, num_workers, device) decide only detections.json, metrics.json's ``eval`` and viz/.
-``force``, ``<section>.resume``/``stop_after`` and ``stage_dir`` are controls, in neither. A rerun:
-
-- same artifact and report config, outputs complete (the input's hash is part of the artifact): "up to date";
-- same artifact config, model.pt complete: only inference/evaluation/pictures are redone on it
-  (model.pt and metrics.jsonl untouched, no training);
-- same artifact config, model.pt partial: ``<section>.resume=true`` continues it exactly, otherwise an error;
-- another artifact config over an existing model.pt (complete or partial, resume or not): an error naming
-  the changed keys (``schedule.lr: 0.005 -> 0.01``); FORCE=1 (force=true) trains beside the results and swaps
-  them in when complete.
+``model.pt`` stores its *artifact config*: the stage's ``artifact_keys`` (dataset, backbone, [miner,] detector,
+schedule, seed, ``<section>``.boxes/labels/cluster_run/image_root/min_box_size) and the input's sha256. The
+*report* keys (``REPORT_KEYS``) decide only detections.json, metrics.json's ``eval`` and viz/; ``force``,
+``<section>.resume``/``stop_after`` and ``stage_dir`` are controls. A rerun with the same artifact and report
+config is "up to date"; with only the report changed, the report is redone on model.pt; a partial model.pt of
+this config continues with ``<section>.resume=true``; another artifact config over a model.pt is an error
+naming the changed keys, and FORCE=1 trains beside the results and swaps them in when complete.
 
 Multi-GPU: the stages run unchanged under ``torchrun --nproc_per_node=N -m stages.train_cag`` (make
 NPROC=N): every process trains its share of the global batch (DDP); only rank 0 evaluates and writes.
