@@ -3,8 +3,14 @@
 :class:`MiningRun` owns a run: which images this shard mines (``shard`` of ``num_shards`` takes every
 ``num_shards``-th image), its journal (a JSON-lines file per shard, resumable, see
 :mod:`pipeline.journal`) and the journal's metadata (what produced the results), collecting the shards
-and merging them into the COCO ``pseudo_boxes.json``. :func:`mine_images` is the loop; it hands every
-row to the run and never names an algorithm (the :class:`~pipeline.discovery.Miner` says what it needs).
+and merging them into the COCO ``pseudo_boxes.json``.
+
+:func:`mine_images` is the loop and :func:`pipeline.parallel.mine_in_processes` the same loop in one-thread
+worker processes;
+both hand every image's row to *sinks* (:class:`MiningSink`, as detectron2's ``DatasetEvaluator`` for
+``inference_on_dataset``): the run's journal (a :class:`MiningRun` is a sink), and those of
+:mod:`pipeline.mining_sinks` (pictures, progress with the running CorLoc, timing). Neither names an
+algorithm (the :class:`~pipeline.discovery.Miner` says what it needs).
 
 Results are per image, keyed by the image id: a run grown to more images mines only the new ones, and an
 image that failed (corrupt file) is not done: the next run retries it.
@@ -15,17 +21,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline.data.records import Dataset, ImageRecord
-from pipeline.journal import Journal, canonical_json, discard_journal
-
-
-SLOW_IMAGE_S = 20.0   # seconds per image above which the progress bar names the image
+from pipeline.journal import Journal, JournalMismatch, canonical_json, discard_journal
 
 
 def shard_indices(n: int, shard: int, num_shards: int) -> list[int]:
@@ -38,10 +40,32 @@ def shard_journal_path(results_dir: str | os.PathLike, shard: int, num_shards: i
     return Path(results_dir) / f"shard-{shard:04d}-of-{num_shards:04d}.jsonl"
 
 
-class MiningRun:
+class MiningSink:
+    """What the mining loop hands every image to: ``process(index, record, result, row, size)`` once per image
+    (``index`` in the dataset's records, ``result`` the miner's result or None when the image failed, ``row``
+    its journal row (:func:`make_row`), ``size`` the (H, W) the miner saw, None when it failed), then
+    ``finish()`` once after the last.
+
+    A sink with ``needs_result`` (pictures) reads the miner's result; the others read only rows. The loop calls
+    the ``needs_result`` sinks first (so an image in the journal has its picture), the rest in the order given.
+    In :func:`pipeline.parallel.mine_in_processes` the ``needs_result`` sinks run in the worker that mined the
+    image (a copy of the sink: forked, or pickled to a spawned worker), the others in the parent, which gets
+    the rows (``result=None``)."""
+
+    needs_result: bool = False
+
+    def process(self, index: int, record: ImageRecord, result, row: dict, size) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+
+class MiningRun(MiningSink):
     """One mining run in ``stage_dir``: ``info`` (what produces the boxes; identical for every shard) is the
     journal's metadata, so resuming with another configuration raises
-    :class:`~pipeline.journal.JournalMismatch` instead of mixing results."""
+    :class:`~pipeline.journal.JournalMismatch` instead of mixing results. As a :class:`MiningSink` it
+    journals every row it is handed."""
 
     def __init__(self, stage_dir: str | os.PathLike, info: dict, *, shard: int = 0, num_shards: int = 1) -> None:
         shard_indices(0, shard, num_shards)  # validates
@@ -60,8 +84,7 @@ class MiningRun:
         from pipeline.journal import meta_path_of
 
         path = meta_path_of(shard_journal_path(Path(stage_dir) / "results", 0, num_shards))
-        meta = read_json(path, "shard journal meta", hint=f"Run the {num_shards} mining shards first "
-                         f"(mine.num_shards={num_shards}).")
+        meta = read_json(path, "shard journal meta", hint=f"Run the {num_shards} mining shards first.")
         return cls(stage_dir, meta["info"], shard=0, num_shards=num_shards)
 
     @property
@@ -79,14 +102,42 @@ class MiningRun:
         discard_journal(self.journal_path)
         self._journal = None
 
-    def pending(self, records: Sequence[ImageRecord]) -> list[int]:
-        """Indices of this shard's images without a successful row: new images and failed ones."""
-        done = {k for k, r in self.journal.load().items() if r.get("error") is None}
+    def pending(self, records: Sequence[ImageRecord], *, discard_other: bool = False) -> list[int]:
+        """Indices of this shard's images without a successful row: new images and failed ones. A journal of
+        another configuration raises :class:`~pipeline.journal.JournalMismatch`, or with ``discard_other`` (a
+        forced run) is discarded: what a killed forced run of this configuration mined is continued."""
+        try:
+            journal = self.journal.load()
+        except JournalMismatch:
+            if not discard_other:
+                raise
+            self.discard()
+            journal = self.journal.load()
+        done = {k for k, r in journal.items() if r.get("error") is None}
         return [i for i in shard_indices(len(records), self.shard, self.num_shards)
                 if records[i].image_id not in done]
 
+    def mined_all(self, records: Sequence[ImageRecord]) -> bool:
+        """Whether every image of this shard has a successful row, read without opening the journal (nothing is
+        created, and a journal of another configuration is not checked here: :meth:`pending` checks it)."""
+        import json
+
+        done = set()
+        if self.journal_path.is_file():
+            for line in self.journal_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a torn last line
+                    continue
+                if row.get("error") is None:
+                    done.add(row.get("image_id"))
+        return all(records[i].image_id in done for i in shard_indices(len(records), self.shard, self.num_shards))
+
     def record(self, row: dict) -> None:
         self.journal.append(row)
+
+    def process(self, index: int, record: ImageRecord, result, row: dict, size) -> None:
+        self.record(row)
 
     def collect(self, records: Sequence[ImageRecord]) -> list[dict] | None:
         """The rows of every image of ``records`` from all shard journals, in record order (the last row of an
@@ -99,6 +150,13 @@ class MiningRun:
         if any(r.image_id not in rows for r in records):
             return None
         return [{**rows[r.image_id], "index": i} for i, r in enumerate(records)]
+
+    def write_merged(self, rows: Sequence[dict], dataset: Dataset) -> dict:
+        """Write ``stage_dir/pseudo_boxes.json`` from :meth:`collect`'s rows; returns :func:`mining_metrics`."""
+        from pipeline.artifacts import write_json
+
+        write_json(self.stage_dir / "pseudo_boxes.json", self.to_coco(rows))
+        return mining_metrics(rows, dataset, self.info)
 
     def to_coco(self, rows: Sequence[dict]) -> dict:
         """Rows -> the COCO ``pseudo_boxes.json`` dict: one annotation per box with its ``score`` and ``rank``
@@ -121,15 +179,83 @@ class MiningRun:
         return coco_boxes_dataset(images, anns, info=self.info)
 
 
+PHASES = ("load", "forward", "miner", "sinks")
+
+
 @dataclass
 class MineStats:
-    computed: int = 0          # images mined in this process
-    failures: list[dict] = field(default_factory=list)
+    """What one mining loop did (in this process or one worker): images mined, wall seconds, seconds per
+    phase (``load``: waiting for decoded images; ``forward``: the backbone; ``miner``; ``sinks``), when it
+    started and ended (``time.time()``); a worker's also how long it took to get ready (``setup_s``: building
+    the model in a spawned worker) and its peak memory."""
+    images: int = 0
     seconds: float = 0.0
+    phases: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    setup_s: float = 0.0
+    peak_rss_gib: float | None = None
 
-    @property
-    def images_per_s(self) -> float:
-        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+def ordered_sinks(sinks: Sequence[MiningSink]) -> list[MiningSink]:
+    """The sinks that need the miner's result first (so a journaled image has its picture), then the others."""
+    return [s for s in sinks if s.needs_result] + [s for s in sinks if not s.needs_result]
+
+
+def _sync(device) -> None:
+    """Wait for the device (CUDA) so the phase timings are the phases' own."""
+    if device is not None and getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def mine_images(dataset: Dataset, backbone, miner, indices: Sequence[int], sinks: Sequence[MiningSink] = (), *,
+                feature: str = "k", num_workers: int = 0, max_side: int | None = None,
+                batch_size: int = 1) -> MineStats:
+    """Mine ``dataset.records[i]`` for ``i`` in ``indices`` with ``miner`` (a built
+    :class:`~pipeline.discovery.Miner`) and hand each image to every sink (:class:`MiningSink`), in the
+    order of ``indices``; then ``finish()`` every sink. Images are resized when ``max_side`` (longer side) or
+    the miner's ``input_size`` (square) ask for it; boxes are mapped back to the original pixels.
+    ``batch_size`` images are decoded (in ``num_workers`` DataLoader workers), run through the backbone
+    (grouped by size: ``Backbone.features_batch``, exact on a CPU) and the miner (``Miner.mine_batch``)
+    together; their rows go to the sinks in order, so a killed run loses at most one batch."""
+    from pipeline.data import MiningImages, collate_list
+
+    sinks, stats = ordered_sinks(sinks), MineStats(started_at=time.time())
+    device = getattr(backbone, "device", None)
+    images = MiningImages(dataset.records, backbone.patch_size, indices=list(indices), max_side=max_side,
+                          square=miner.input_size)
+    loader = DataLoader(images, batch_size=max(1, int(batch_size)), shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_list, persistent_workers=False,
+                        pin_memory=str(device).startswith("cuda"))
+    t, it = stats.phases, iter(loader) if indices else iter(())  # no DataLoader workers for nothing
+    while True:
+        t0 = time.perf_counter()
+        items = next(it, None)
+        if items is None:
+            break
+        t1 = time.perf_counter()
+        ok = [x for x in items if x["error"] is None]
+        outs = backbone.features_batch([x["image"] for x in ok], which=feature, with_cls_attn=miner.needs.cls_attn,
+                                       max_batch=max(1, int(batch_size))) if ok else []
+        _sync(device)
+        t2 = time.perf_counter()
+        found = dict(zip((x["index"] for x in ok), miner.mine_batch(outs, [x["size"] for x in ok]) if ok else []))
+        t3 = time.perf_counter()
+        for item in items:
+            result = found.get(item["index"])
+            row = make_row(item["record"], item["size"], result, item["error"], item["original_size"])
+            for sink in sinks:
+                sink.process(item["index"], item["record"], result, row, item["size"])
+            stats.images += 1
+        for key, seconds in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            t[key] += seconds
+    for sink in sinks:
+        sink.finish()
+    stats.ended_at = time.time()
+    stats.seconds = stats.ended_at - stats.started_at
+    return stats
 
 
 def make_row(rec: ImageRecord, size, result, error: str | None, original_size=None) -> dict:
@@ -153,88 +279,6 @@ def make_row(rec: ImageRecord, size, result, error: str | None, original_size=No
     return row
 
 
-def mine_images(
-    dataset: Dataset,
-    backbone,
-    miner,
-    indices: Sequence[int],
-    *,
-    record: Callable[[dict], None] | None,
-    feature: str = "k",
-    num_workers: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    max_side: int | None = None,
-    batch_size: int = 1,
-    on_result: Callable[[int, ImageRecord, object, dict, tuple], None] | None = None,
-    hit_fn: Callable[[ImageRecord, dict], bool | None] | None = None,
-) -> MineStats:
-    """Mine ``dataset.records[i]`` for ``i`` in ``indices`` with ``miner`` (a built
-    :class:`~pipeline.discovery.Miner`) and hand each row to ``record`` (e.g. ``MiningRun.record``; None
-    for a dry pass that only makes pictures). Images are resized when ``max_side`` (longer side) or the
-    miner's ``input_size`` (square) ask for it; boxes are mapped back to the original pixels.
-    ``on_result(index, record, result, row, size)`` is called for every image mined, before its row is
-    recorded (so a recorded image has its picture); ``size`` is the (H, W) the miner saw. ``hit_fn(record,
-    row)`` feeds the running CorLoc in the progress bar. ``batch_size`` images are decoded (in
-    ``num_workers`` DataLoader workers), run through the backbone (grouped by size:
-    ``Backbone.features_batch``, exact on a CPU) and the miner (``Miner.mine_batch``) together; their rows
-    are recorded in order, so a killed run loses at most one batch."""
-    from pipeline.data import MiningImages, collate_list
-
-    run = MineStats()
-    if not indices:
-        return run
-    images = MiningImages(dataset.records, backbone.patch_size, indices=list(indices), max_side=max_side,
-                          square=miner.input_size)
-    loader = DataLoader(images, batch_size=max(1, int(batch_size)), shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_list, persistent_workers=False,
-                        pin_memory=str(device).startswith("cuda"))
-    hits = total = 0
-    start = time.time()
-    bar = tqdm(total=len(indices), disable=not progress, desc=f"mine {dataset.name}", unit="img",
-               dynamic_ncols=True)
-    needs = miner.needs
-    t_batch = time.time()
-    for items in loader:
-        ok = [x for x in items if x["error"] is None]
-        outs = backbone.features_batch([x["image"] for x in ok], which=feature, with_cls_attn=needs.cls_attn,
-                                       max_batch=max(1, int(batch_size))) if ok else []
-        found = dict(zip((x["index"] for x in ok), miner.mine_batch(outs, [x["size"] for x in ok]) if ok else []))
-        for item in items:
-            _record_item(item, found.get(item["index"]), run, bar, record, on_result)
-            if hit_fn is not None and item["row"] is not None:
-                hit = hit_fn(item["record"], item["row"])
-                if hit is not None:
-                    hits += int(hit)
-                    total += 1
-                    bar.set_postfix(corloc=f"{100.0 * hits / total:.1f}%", failed=len(run.failures))
-        per_image = (time.time() - t_batch) / max(1, len(items))
-        if per_image > SLOW_IMAGE_S:  # a huge photo looks like a hang: say which one (dataset.max_side helps)
-            big = max(ok, key=lambda x: x["size"][0] * x["size"][1]) if ok else items[0]
-            bar.write(f"slow: {big['record'].image_id} ({big['size'][1]}x{big['size'][0]} px) took "
-                      f"{per_image:.0f} s; dataset.max_side=1024 shrinks big images")
-        t_batch = time.time()
-    bar.close()
-    run.seconds = time.time() - start
-    return run
-
-
-def _record_item(item: dict, result, run: "MineStats", bar, record, on_result) -> None:
-    """One image's row: picture first (a recorded image has its picture), then the journal line."""
-    index, rec = item["index"], item["record"]
-    row = make_row(rec, item["size"], result, item["error"], item["original_size"])
-    item["row"] = row
-    if on_result is not None and result is not None:
-        on_result(index, rec, result, row, item["size"])
-    if record is not None:
-        record(row)
-    run.computed += 1
-    bar.update(1)
-    if item["error"] is not None:
-        run.failures.append({"image_id": rec.image_id, "path": rec.path, "error": item["error"]})
-        bar.write(f"skipped {rec.path}: {item['error']}")
-
-
 def first_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray | None]:
     """image id -> its rank-0 box (the single-object protocol's box), None when it has none."""
     return {r["image_id"]: (np.asarray(r["boxes"][0], dtype=np.float64) if r["boxes"] else None) for r in rows}
@@ -243,3 +287,45 @@ def first_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray | None]:
 def all_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray]:
     """image id -> (n, 4) every box of the image, in rank order."""
     return {r["image_id"]: np.asarray(r["boxes"], dtype=np.float64).reshape(-1, 4) for r in rows}
+
+
+def mining_metrics(rows: Sequence[dict], dataset: Dataset, info: dict) -> dict:
+    """The numbers of a finished run: images, boxes, failures (named), and with GT the CorLoc of the first boxes
+    and, when some image has several boxes, the multi-box scores (object recall, any-box CorLoc)."""
+    from pipeline.evaluation.corloc import corloc
+    from pipeline.evaluation.multi import multi_box_scores
+
+    failures = [{"image_id": r["image_id"], "path": r["path"], "error": r["error"]} for r in rows if r["error"]]
+    metrics = {"images": len(rows), "boxes": sum(len(r["boxes"]) for r in rows),
+               "images_with_boxes": sum(bool(r["boxes"]) for r in rows), "failures": len(failures),
+               "failed_images": failures, "method": info["method"], "backbone": info["backbone"]["arch"],
+               "feature": info["feature"], "random_init": info["random_init"], "corloc": None, "corloc_hits": None,
+               "corloc_total": None, "multi_box": None}
+    if dataset.has_gt:
+        res = corloc(first_boxes(rows), dataset.records)
+        metrics.update(corloc=res.corloc, corloc_hits=res.hits, corloc_total=res.total)
+        if any(len(r["boxes"]) > 1 for r in rows):
+            metrics["multi_box"] = multi_box_scores(all_boxes(rows), dataset.records).as_dict()
+    return metrics
+
+
+def format_mining_summary(metrics: dict, stage_dir: str | os.PathLike, made: Sequence[str] | None) -> str:
+    """The lines a run prints about its :func:`mining_metrics` and the files it ``made`` in ``stage_dir`` (None:
+    nothing was written; with ``pseudo_boxes.json`` among them, also what this run mined)."""
+    lines = [f"mine: {metrics['images']} images, {metrics['boxes']} boxes, {metrics['failures']} failed"]
+    if made is not None and "pseudo_boxes.json" in made and metrics.get("computed_this_run"):
+        lines[0] += (f"; this run mined {metrics['computed_this_run']} in {metrics['seconds']:.1f} s "
+                     f"({metrics['images_per_s']:.2f} images/s)")
+    tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if metrics["random_init"] else ""
+    if metrics["corloc"] is not None:
+        lines.append(f"CorLoc (first box): {metrics['corloc']:.2f} % ({metrics['corloc_hits']}/"
+                     f"{metrics['corloc_total']}){tag}")
+    mb = metrics.get("multi_box")
+    if mb and mb.get("object_recall") is not None:
+        lines.append(f"object recall @0.5: {mb['object_recall']:.2f} % ({mb['objects_covered']}/"
+                     f"{mb['objects_total']}), "
+                     f"{mb['boxes_per_image']:.2f} boxes/image, any-box CorLoc (MOST's protocol, not CorLoc): "
+                     f"{mb['any_box_corloc']:.2f} %{tag}")
+    lines += [f"  failed: {f['path']}: {f['error']}" for f in metrics["failed_images"][:10]]
+    lines.append(f"artifacts: {stage_dir}/ " + ("(unchanged)" if made is None else f"({', '.join(made)})"))
+    return "\n".join(lines)

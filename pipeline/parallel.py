@@ -1,11 +1,9 @@
-"""CPU process parallelism: N worker processes with one thread each, each mining its own shard.
+"""CPU process parallelism: N worker processes with one thread each, each mining its share of the images.
 
 On a CPU, PyTorch's intra-op threads scale poorly for the small GEMMs of a ViT on one image (and
 spin-wait on a busy machine); N processes with one thread each keep every core busy instead. The
-work is split exactly as sharded mining splits it: worker ``i`` of ``N`` gets ``(shard=i,
-num_shards=N)`` and mines indices ``i, i+N, i+2N, ...`` (``pipeline.mining.shard_indices``), so each
-worker can write its own shard journal (``shard_journal_path(results_dir, i, N)``) and a killed run
-resumes per shard like any sharded run; ``collect_shards``/``merge`` then see N complete shards.
+work is split as sharded mining splits it: worker ``i`` of ``N`` mines indices ``i, i+N, i+2N, ...``
+(``pipeline.mining.shard_indices``).
 
     from pipeline.parallel import choose_cpu_workers, run_parallel
     n = choose_cpu_workers(len(todo))
@@ -15,6 +13,9 @@ The target is named by import path ("package.module:function") so spawned worker
 they need. It is called as ``fn(shard, num_shards, emit, **kwargs)``; ``emit(obj)`` sends a picklable
 object (a journal row, a progress count) to the parent, where ``on_message(shard, obj)`` receives it in
 arrival order. The function's return value comes back in the list ``run_parallel`` returns.
+
+:func:`mine_in_processes` is mining on top of it: the loop of :func:`pipeline.mining.mine_images` in each
+worker, whose rows go to the parent's sinks (the journal, progress, timing).
 
 This module does not import torch at import time (a spawned worker sets its thread count first).
 """
@@ -28,7 +29,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 #: the thread-count variables a worker process starts with (read by OpenMP/MKL when torch loads)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -186,5 +187,83 @@ def run_parallel(target: str | Callable, num_procs: int, *, kwargs: dict | None 
     return [results[s] for s in range(num_procs)]
 
 
-__all__ = ["THREAD_ENV", "WorkerError", "available_cores", "choose_cpu_workers", "fork_available", "resolve_target",
-           "run_parallel"]
+# ------------------------------------------------------------------------------ process-parallel mining
+class _ToParent:
+    """The sink (:class:`~pipeline.mining.MiningSink`) that sends a worker's rows to the parent (``emit``)."""
+
+    needs_result = False
+
+    def __init__(self, emit) -> None:
+        self.emit = emit
+
+    def process(self, index, record, result, row, size) -> None:
+        self.emit((index, row, size))
+
+    def finish(self) -> None:
+        pass
+
+
+def _worker_share(shard: int, num_shards: int, emit, *, indices: list[int], sinks: list, parts=None,
+                  build: tuple[str, dict] | None = None, feature: str, max_side, batch_size: int):
+    """A worker's share, ``indices[shard::num_shards]``: the forked worker gets the parent's ``parts`` (dataset,
+    backbone, miner) as they are; a spawned one builds them with ``build`` ("module:function", kwargs)."""
+    from pipeline.mining import mine_images
+
+    entered = time.time()
+    dataset, backbone, miner = parts if build is None else resolve_target(build[0])(**build[1])
+    stats = mine_images(dataset, backbone, miner, indices[shard::num_shards], [*sinks, _ToParent(emit)],
+                        feature=feature, num_workers=0, max_side=max_side, batch_size=batch_size)
+    stats.setup_s = stats.started_at - entered
+    try:
+        import resource
+
+        stats.peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:  # no resource module (Windows)
+        pass
+    return stats
+
+
+def mine_in_processes(dataset, backbone, miner, indices: Sequence[int], sinks: Sequence, *, procs: int,
+                      feature: str = "k", max_side: int | None = None, build: tuple[str, dict] | None = None,
+                      start_method: str | None = None, batch_size: int = 1) -> list:
+    """:func:`~pipeline.mining.mine_images` in ``procs`` one-thread worker processes (:func:`run_parallel`),
+    worker ``i`` mining ``indices[i::procs]`` (``batch_size`` images at a time: 1, the exact CPU path, unless
+    timing another): the sinks that need the miner's result (pictures) run in the
+    workers, the others (journal, progress, timing) here, on every row as it arrives, then ``finish()``. One
+    journal, as a single process writes it: a killed run resumes the same way.
+
+    ``start_method`` None: "fork" where :func:`fork_available` (Linux: the workers start at
+    once with this process's built ``backbone``, shared copy-on-write), else "spawn", where each worker builds
+    its own dataset, backbone and miner with ``build`` = ("module:function", picklable kwargs), a function
+    returning the three as this process built them. Returns each worker's
+    :class:`~pipeline.mining.MineStats`."""
+    from pipeline.mining import ordered_sinks
+
+    method = start_method or ("fork" if fork_available() else "spawn")
+    if method != "fork" and build is None:
+        raise ValueError("spawned workers build their own dataset, backbone and miner: give build=("
+                         "'module:function', kwargs), or fork them (Linux)")
+    if build is not None:
+        resolve_target(build[0])  # a wrong name fails here, not in every worker
+    sinks = ordered_sinks(sinks)
+    here = [s for s in sinks if not s.needs_result]
+    kwargs = {"indices": list(indices), "sinks": [s for s in sinks if s.needs_result], "feature": feature,
+              "max_side": max_side, "batch_size": int(batch_size)}
+    if method == "fork":
+        kwargs["parts"] = (dataset, backbone, miner)   # never pickled: the workers inherit them
+    else:
+        kwargs["build"] = build
+
+    def on_row(shard: int, message) -> None:
+        index, row, size = message
+        for sink in here:
+            sink.process(index, dataset.records[index], None, row, size)
+
+    stats = run_parallel(_worker_share, int(procs), kwargs=kwargs, on_message=on_row, start_method=method)
+    for sink in here:
+        sink.finish()
+    return stats
+
+
+__all__ = ["THREAD_ENV", "WorkerError", "available_cores", "choose_cpu_workers", "fork_available", "mine_in_processes",
+           "resolve_target", "run_parallel"]
