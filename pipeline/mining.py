@@ -61,6 +61,20 @@ class MiningSink:
         pass
 
 
+def mining_info(method: str, params: dict, backbone, *, feature: str, dataset: str, image_root: str,
+                config: dict) -> dict:
+    """What produces a run's boxes: the journal's metadata (identical for every shard) and pseudo_boxes.json's
+    ``info``: the miner ``method`` and its ``params``, the built ``backbone`` (its description, weights and
+    whether they are random), the ``feature``, the dataset's name and image root, and the ``config`` it came from."""
+    from pipeline.provenance import random_init
+
+    desc = backbone.describe()
+    return {"description": f"{method} pseudo-boxes", "method": method,
+            "miner_params": {k: v for k, v in params.items() if k != "name"}, "backbone": desc, "feature": feature,
+            "random_init": random_init(backbone=desc), "weights_sha256": desc.get("weights_sha256"),
+            "dataset": dataset, "image_root": image_root, "config": config}
+
+
 class MiningRun(MiningSink):
     """One mining run in ``stage_dir``: ``info`` (what produces the boxes; identical for every shard) is the
     journal's metadata, so resuming with another configuration raises

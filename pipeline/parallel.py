@@ -60,6 +60,17 @@ def choose_cpu_workers(n_images: int, cores: int | None = None, *, min_images_pe
     return max(1, min(cores, int(n_images) // int(min_images_per_worker)))
 
 
+def mining_processes(n_images: int, requested: int | None = None) -> int:
+    """Worker processes to mine ``n_images`` on a CPU: ``requested`` (at most one per image), else one per core
+    (:func:`choose_cpu_workers`) where workers are forked (they start at once, sharing the built model) and where
+    they must be spawned (each imports torch and builds its model: ~6-10 s) only with at least 4 cores."""
+    if n_images <= 0:
+        return 1
+    if requested is not None:
+        return max(1, min(int(requested), int(n_images)))
+    return choose_cpu_workers(n_images) if fork_available() or available_cores() >= 4 else 1
+
+
 def fork_available() -> bool:
     """Whether workers may be forked: Linux only (macOS's system libraries are not fork-safe; Windows has
     no fork), and never from a process that has initialised CUDA (a forked child cannot use it)."""
@@ -266,4 +277,4 @@ def mine_in_processes(dataset, backbone, miner, indices: Sequence[int], sinks: S
 
 
 __all__ = ["THREAD_ENV", "WorkerError", "available_cores", "choose_cpu_workers", "fork_available", "mine_in_processes",
-           "resolve_target", "run_parallel"]
+           "mining_processes", "resolve_target", "run_parallel"]

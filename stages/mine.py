@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import ArtifactError, read_json, recover_replacement, remove_stale_temps, replacement_dir
 from pipeline.data.paths import records_root
+from pipeline.journal import canonical_json
 from pipeline.discovery import build_miner
-from pipeline.mining import MiningRun, format_mining_summary, mine_images, shard_indices
+from pipeline.mining import MiningRun, format_mining_summary, mine_images, mining_info, shard_indices
 from pipeline.mining_sinks import Pictures, Progress, Timing
-from pipeline.parallel import available_cores, choose_cpu_workers, fork_available, mine_in_processes
-from pipeline.provenance import random_init
+from pipeline.parallel import mine_in_processes, mining_processes
 from stages.common import (Produced, StageError, build_backbone_from_cfg, build_dataset_from_cfg, dataset_identity,
                            resolve_device, run_guarded, run_stage, to_container)
 from stages.config import stage_main
@@ -30,26 +30,13 @@ UNMINED = "results/.unmined"  # never written: a missing output, so a set with i
 
 
 def _info(cfg: DictConfig, backbone, root: str) -> dict:
-    """What produced the boxes (pseudo_boxes.json's info, the journal's meta), with the ``init`` the backbone was
-    built with (``backbone.init=auto`` that found the weights is a plain ``make mine`` of the same model)."""
-    miner, desc = to_container(cfg.miner), backbone.describe()
-    return {"description": f"{cfg.miner.name} pseudo-boxes", "method": str(cfg.miner.name),
-            "miner_params": {k: v for k, v in miner.items() if k != "name"}, "backbone": desc,
-            "feature": str(cfg.backbone.feature), "random_init": random_init(backbone=desc),
-            "weights_sha256": desc.get("weights_sha256"), "dataset": str(cfg.dataset.name), "image_root": root,
-            "config": {"dataset": dataset_identity(cfg), "miner": miner,
-                       "backbone": {**to_container(cfg.backbone), "init": backbone.init}}}
-
-
-def _procs(cfg: DictConfig, device: str, n_todo: int) -> int:
-    """On a CPU ``mine.procs``, by default one per core (>= 8 images each) where workers are forked (Linux: they
-    start at once, sharing the model), and where spawned (~6-10 s each) only with >= 4 cores; on a GPU or in a
-    sharded run one. README "Performance"."""
-    if device != "cpu" or int(cfg.mine.num_shards) > 1 or n_todo == 0:
-        return 1
-    if cfg.mine.procs is not None:
-        return max(1, min(int(cfg.mine.procs), n_todo))
-    return choose_cpu_workers(n_todo) if fork_available() or available_cores() >= 4 else 1
+    """``mining_info`` (as the journal's meta reads back) with the ``init`` the backbone was built with in its
+    config (``backbone.init=auto`` that found the weights is a plain ``make mine`` of the same model)."""
+    miner = to_container(cfg.miner)
+    return canonical_json(mining_info(str(cfg.miner.name), miner, backbone, feature=str(cfg.backbone.feature),
+                       dataset=str(cfg.dataset.name), image_root=root, config={
+                           "dataset": dataset_identity(cfg),
+                           "backbone": {**to_container(cfg.backbone), "init": backbone.init}, "miner": miner}))
 
 
 def _model(cfg: DictConfig, device: str, quiet: bool = False) -> tuple:
@@ -78,7 +65,9 @@ def _produce(cfg: DictConfig, dataset, backbone, miner, info: dict, out: Path, f
     if run.num_shards == 1:  # a killed run may have left half-written temp files (shards may be writing theirs)
         for d in (out, pictures.folder):
             remove_stale_temps(d)
-    procs, batch = _procs(cfg, device, len(todo)), int(c.batch_size or (16 if device.startswith("cuda") else 1))
+    # worker processes on a CPU only (not in a sharded run); batch: null is 1 on a CPU (exact), 16 on a GPU
+    procs = 1 if device != "cpu" or run.num_shards > 1 else mining_processes(len(todo), c.procs)
+    batch = int(c.batch_size or (16 if device.startswith("cuda") else 1))
     progress = Progress(len(todo), f"mine {dataset.name}" + (f" ({procs} processes)" if procs > 1 else ""),
                         enabled=bool(cfg.progress), slow_hint="dataset.max_side=1024 shrinks big images")
     sinks = [pictures, run, progress, timing]  # the picture before the journal line: a journaled image has one
