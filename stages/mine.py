@@ -33,10 +33,10 @@ def _info(cfg: DictConfig, backbone, root: str) -> dict:
     """``mining_info`` (as the journal's meta reads back) with the ``init`` the backbone was built with in its
     config (``backbone.init=auto`` that found the weights is a plain ``make mine`` of the same model)."""
     miner = to_container(cfg.miner)
+    config = {"dataset": dataset_identity(cfg), "backbone": {**to_container(cfg.backbone), "init": backbone.init},
+              "miner": miner}
     return canonical_json(mining_info(str(cfg.miner.name), miner, backbone, feature=str(cfg.backbone.feature),
-                       dataset=str(cfg.dataset.name), image_root=root, config={
-                           "dataset": dataset_identity(cfg),
-                           "backbone": {**to_container(cfg.backbone), "init": backbone.init}, "miner": miner}))
+                                      dataset=str(cfg.dataset.name), image_root=root, config=config))
 
 
 def _model(cfg: DictConfig, device: str, quiet: bool = False) -> tuple:
