@@ -44,7 +44,7 @@ class Journal:
 
                 raise JournalMismatch(
                     f"{self.path} holds partial results of a different configuration (changed: "
-                    f"{format_changes(diff_values(old, meta))}). Rerun with FORCE=1 (force=true) to start again, "
+                    f"{format_changes(diff_values(old, meta))}). Force the rerun to start again, "
                     "or restore the previous settings to resume."
                 )
         else:

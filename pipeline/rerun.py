@@ -70,11 +70,11 @@ def plan_rerun(stage_dir: str | os.PathLike, *, stage: str, artifact: dict, repo
     artifact, report = _canonical(artifact), _canonical(report)
     if "artifact" not in man:
         raise RerunRefused(f"{stage}: {stage_dir} holds results whose settings are not recorded (an older version "
-                           "or a damaged manifest.json); rerun with FORCE=1 (force=true) to replace them.")
+                           "or a damaged manifest.json); force the rerun to replace them.")
     changed = explain_changes(diff_values(man["artifact"], artifact), inputs)
     if changed:
         raise RerunRefused(f"{stage}: {stage_dir} holds finished results of a different configuration (changed: "
-                           f"{format_changes(changed)}). Rerun with FORCE=1 (force=true) to replace them, or restore "
+                           f"{format_changes(changed)}). Force the rerun to replace them, or restore "
                            "those settings.")
     report_changes = diff_values(man.get("report"), report)
     return Rerun("report", tuple(report_changes)) if report_changes else Rerun("skip")

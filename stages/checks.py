@@ -175,4 +175,6 @@ def in_config_keys(message: str, stage: str | None) -> str:
     that parameter in ``stage`` (``root=`` -> ``dataset.root=``); the one place that maps them."""
     keys = LIBRARY_KEYS.get(stage or "", _DATASET_KEYS)
     pattern = r"(?<![\w.])(" + "|".join(map(re.escape, keys)) + r")="
-    return re.sub(pattern, lambda m: f"{keys[m.group(1)]}=", message)
+    message = re.sub(pattern, lambda m: f"{keys[m.group(1)]}=", message)
+    return re.sub(r"\b([Ff])orce the rerun", lambda m: f"{'R' if m.group(1) == 'F' else 'r'}erun with FORCE=1 "
+                  "(force=true)", message)

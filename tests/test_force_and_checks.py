@@ -164,3 +164,34 @@ def test_a_swap_killed_half_way_is_repaired(tmp_path):
     (old / "model.pt").write_text("old")
     recover_replacement(final)
     assert (final / "model.pt").read_text() == "new" and not old.exists()
+
+
+def test_library_errors_reach_the_user_in_config_keys():
+    """The library names its parameters; the stage that ran says which config key sets each one."""
+    from stages.checks import in_config_keys
+
+    msg = "no weights for dino_vits16: ... Fix: pass weights=/p/x.pth, or weights_dir=<dir>, or init=random"
+    assert in_config_keys(msg, "mine").endswith(
+        "pass backbone.weights=/p/x.pth, or paths.weights_dir=<dir>, or backbone.init=random")
+    assert "detector.weights=/p/x.pth" in in_config_keys(msg, "train_cag")
+    assert in_config_keys("set cluster.k=3 or k=3", "mine") == "set cluster.k=3 or k=3"  # keys stay keys
+
+
+def test_no_config_key_or_make_target_in_library_messages():
+    """Messages raised under pipeline/ speak in parameters (issue 16): no `section.key=`, `group=` of the config,
+    `make <target>` or FORCE=1 in a string literal of a raise statement."""
+    import ast
+    import re
+    from pathlib import Path
+
+    sections = ("dataset", "backbone", "miner", "detector", "schedule", "paths", "cluster", "mine", "train_cag",
+                "train_cad", "evaluate_cag", "evaluate_cad", "eval", "viz", "report")
+    key = re.compile(rf"\b({'|'.join(sections)})(\.\w+)?=|`make [a-z]|FORCE=1|force=true")
+    bad = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for s in ast.walk(node.exc):
+                    if isinstance(s, ast.Constant) and isinstance(s.value, str) and key.search(s.value):
+                        bad.append(f"{path.name}:{node.lineno}: {s.value[:70]}")
+    assert bad == []

@@ -194,7 +194,7 @@ def test_rebuild_after_a_stage_changed_marks_stale(experiment):
 
 
 def test_no_outputs_is_a_clear_error(tmp_path):
-    with pytest.raises(ReportError, match=r"no pipeline outputs under .*nothing.*make mine"):
+    with pytest.raises(ReportError, match=r"no pipeline outputs under .*nothing.*run the mine stage"):
         build_report(tmp_path / "nothing" / "dino_vits16")
 
 
@@ -212,7 +212,7 @@ def test_stage_accepts_the_chain_args(experiment, tmp_path, capsys):
         run_guarded(run, cfg)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no pipeline outputs under") and "make mine" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: no pipeline outputs under") and "run the mine stage" in err[0]
 
 
 @pytest.mark.slow

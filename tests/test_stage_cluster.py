@@ -197,7 +197,7 @@ def test_cluster_report_only_rerun_and_refused_change(mined, capsys):
     assert (stage / "pseudo_labels.json").read_bytes() == labels
     assert Image.open(next((stage / "galleries").glob("*.png"))).size != size_before
     from pipeline.rerun import RerunRefused
-    with pytest.raises(RerunRefused, match=r"cluster.seed: 0 -> 1.*FORCE=1"):
+    with pytest.raises(RerunRefused, match=r"cluster.seed: 0 -> 1.*Force the rerun"):
         _cluster(out, "cluster.k=2", "cluster.seed=1")
     assert (stage / "pseudo_labels.json").read_bytes() == labels
     _cluster(out, "cluster.k=2", "cluster.seed=1", "force=true")

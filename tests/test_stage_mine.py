@@ -103,7 +103,7 @@ def test_resume_skips_done_images_and_config_change_is_refused(tmp_path):
     assert not stale.exists() and (stage / "contact_sheet.png").is_file()
     assert (stage / "pseudo_boxes.json").read_bytes() == reference
     from pipeline.rerun import RerunRefused
-    with pytest.raises(RerunRefused, match=r"miner.k_patches: 100 -> 50.*FORCE=1"):
+    with pytest.raises(RerunRefused, match=r"miner.k_patches: 100 -> 50.*Force the rerun"):
         _mine(tmp_path, *folder, "miner.k_patches=50")
     assert (stage / "pseudo_boxes.json").read_bytes() == reference
     _, forced = _mine(tmp_path, *folder, "miner.k_patches=50", "force=true")

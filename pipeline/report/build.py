@@ -192,8 +192,8 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
     layout = layout or Layout.single(root)
     if not _has_outputs(layout):
         raise ReportError(f"no pipeline outputs under {root} (no mine/, cag/, cluster/ or cad/ there): run "
-                          f"`make mine ARGS=\"dataset={root.parent.name} backbone={root.name} ...\"` first, or point "
-                          "paths.output_root / dataset / backbone at an experiment that ran")
+                          f"the mine stage for dataset {root.parent.name} and backbone {root.name} first, or point the "
+                          "output root, dataset and backbone at an experiment that ran")
     work = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     try:
