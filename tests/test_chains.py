@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from stage_utils import compose_cfg
@@ -19,12 +18,7 @@ SMOKE = ["backbone.init=random", "detector.init=random", "schedule=smoke", "num_
          "cluster.k=2", "cluster.short_side=32", "cluster.n_init=2", "mine.procs=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def odd_folder(root):

@@ -69,7 +69,7 @@ def test_missing_images_skipped_with_warning_and_all_missing_is_an_error(tmp_pat
 def test_empty_or_absent_file_names_the_file_and_the_stage(tmp_path):
     p = tmp_path / "pseudo_boxes.json"
     p.write_text(json.dumps(_coco([{"id": 1, "file_name": "a.png", "width": 4, "height": 4}], [])))
-    with pytest.raises(ValueError, match=r"pseudo_boxes\.json is empty.*`mine` stage"):
+    with pytest.raises(ValueError, match=r"pseudo_boxes\.json is empty.*written by the mine stage"):
         DetectionDataset(p, tmp_path)
     with pytest.raises(ArtifactError, match=r"not found.*nope\.json.*mine"):
         DetectionDataset(tmp_path / "nope.json", tmp_path)

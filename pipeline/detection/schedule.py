@@ -8,7 +8,7 @@ detectron2's recipe: SGD with momentum, linear warm-up then step decay (``Warmup
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Sequence
 
@@ -84,11 +84,9 @@ class Schedule:
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
         """From a plain dict (e.g. the resolved ``schedule`` config); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown schedule key(s) {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**dict(d))
+        from pipeline.detection.settings import from_plain
+
+        return from_plain(cls, d, "schedule key")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -14,6 +14,16 @@ PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn")
 INITS = ("random", "dino", "imagenet")
 
 
+
+def from_plain(cls, d: dict, what: str):
+    """An instance of the dataclass ``cls`` from a plain dict (a resolved config section); a key that is not
+    a field is an error naming the fields."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {', '.join(sorted(known))}")
+    return cls(**dict(d))
+
 @dataclass
 class DetectorSettings:
     """How a detector is built, besides its classes and seed: the schema of ``conf/detector/*.yaml`` (the YAML
@@ -42,11 +52,7 @@ class DetectorSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "DetectorSettings":
         """From a plain dict (e.g. the resolved ``detector`` config); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown detector setting(s) {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**dict(d))
+        return from_plain(cls, d, "detector setting")
 
     def to_dict(self) -> dict:
         return asdict(self)
