@@ -197,7 +197,7 @@ class Produced:
 def run_stage(cfg: DictConfig, *, stage: str, artifact: dict, report: dict, outputs: tuple[str, ...],
               produce: Callable[[Path], Produced | None], redo_report: Callable[[Path, tuple], Produced] | None = None,
               summary: Callable[[Path, dict, list[str] | None], None], inputs: dict | None = None,
-              keep: bool = False, force: bool | None = None,
+              keep: bool = False, force: bool | None = None, complete: bool = True,
               redo_says: str = "redoing the report; the results are kept") -> dict | None:
     """The one life cycle of a stage that writes results: plan -> up to date / report only / run ->
     metrics.json -> manifest.json -> summary.
@@ -207,7 +207,8 @@ def run_stage(cfg: DictConfig, *, stage: str, artifact: dict, report: dict, outp
     or under ``force`` a replacement folder beside it, swapped in only once everything is written (``keep``:
     continue what a killed forced run left there). ``produce`` returns None when there is nothing to finalise
     yet (a shard waiting for the others, a stopped training). ``inputs`` describes input hashes for messages
-    (:func:`pipeline.rerun.explain_changes`); ``redo_says`` what a report-only rerun does."""
+    (:func:`pipeline.rerun.explain_changes`); ``redo_says`` what a report-only rerun does. ``complete=False``:
+    the stage knows its results miss something (a grown image set): it runs, however complete its files look."""
     from pipeline.artifacts import (begin_replacement, commit_replacement, read_json, recover_replacement,
                                     write_json, write_manifest)
     from pipeline.rerun import plan_rerun
@@ -216,8 +217,8 @@ def run_stage(cfg: DictConfig, *, stage: str, artifact: dict, report: dict, outp
     stage_dir = Path(cfg.stage_dir)
     recover_replacement(stage_dir)
     force = bool(cfg.force) if force is None else force
-    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs, force=force,
-                      inputs=inputs)
+    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs,
+                      force=force or not complete, inputs=inputs)
     if plan.action == "skip":
         print(f"{stage}: {stage_dir} is up to date (same config and inputs, complete); FORCE=1 redoes it.", flush=True)
         metrics = read_json(stage_dir / "metrics.json")

@@ -26,9 +26,6 @@ from stages.common import (Produced, StageError, build_backbone_from_cfg, build_
 from stages.config import stage_main
 
 OUTPUTS = ("pseudo_boxes.json", "metrics.json")
-UNMINED = "results/.unmined"  # never written: a missing output, so a set with images left to mine is not up to date
-
-
 def _info(cfg: DictConfig, backbone, root: str) -> dict:
     """``mining_info`` (as the journal's meta reads back) with the ``init`` the backbone was built with in its
     config (``backbone.init=auto`` that found the weights is a plain ``make mine`` of the same model)."""
@@ -114,7 +111,7 @@ def _run(cfg: DictConfig, info: dict, produce, redraw=None, force: bool = False,
     """``run_stage`` with mining's artifact (what decides the boxes; the image list is per image) and report."""
     artifact = {"dataset": dataset_identity(cfg), "backbone": info["config"]["backbone"],
                 "miner": to_container(cfg.miner), "num_shards": int(cfg.mine.num_shards)}
-    return run_stage(cfg, stage="mine", artifact=artifact, outputs=OUTPUTS if complete else (*OUTPUTS, UNMINED),
+    return run_stage(cfg, stage="mine", artifact=artifact, outputs=OUTPUTS, complete=complete,
                      report={"viz": {"num_images": int(cfg.viz.num_images),
                                      "contact_sheet": int(cfg.viz.contact_sheet)}},
                      produce=produce, redo_report=redraw, keep=True, force=force,
