@@ -13,13 +13,9 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-RANDOM_BANNER = """
-!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-!!  {what} USES RANDOMLY INITIALISED WEIGHTS ({reason}).
-!!  Boxes, clusters and every number below are a smoke test of the code, NOT a
-!!  result. For real results provide the DINO weights (see README, "Weights").
-!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-"""
+from pipeline import runtime
+from pipeline.runtime import Timer, export_submitit_distributed_env, warn_random  # noqa: F401 - used by the stages
+
 
 
 class StageError(Exception):
@@ -33,22 +29,11 @@ def to_container(cfg: DictConfig) -> dict:
 
 
 def resolve_device(name: str) -> str:
-    """``device=``: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N; anything else is one clear error."""
-    import re
-
-    import torch
-
-    name = str(name)
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise StageError(f"device={name} is not a device: use device=auto, cpu, cuda or cuda:N")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise StageError(f"device={name} requested but no CUDA device is visible. Use device=cpu.")
-        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
-            raise StageError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
-    return name
+    """``device=``: :func:`pipeline.runtime.resolve_device`, its refusal as a :class:`StageError`."""
+    try:
+        return runtime.resolve_device(name)
+    except ValueError as e:
+        raise StageError(str(e)) from None
 
 
 def dataset_identity(cfg: DictConfig) -> dict:
@@ -63,10 +48,6 @@ def dataset_identity(cfg: DictConfig) -> dict:
         if d.get(key):
             d[key] = os.path.realpath(os.path.expanduser(str(d[key])))
     return d
-
-
-def warn_random(what: str, reason: str) -> None:
-    print(RANDOM_BANNER.format(what=what.upper(), reason=reason), file=sys.stderr, flush=True)
 
 
 def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
@@ -135,15 +116,6 @@ def build_dataset_from_cfg(cfg: DictConfig, quiet: bool = False):
     return ds
 
 
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.time()
-
-    @property
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-
 def run_guarded(fn, cfg: DictConfig) -> Any:
     """Turn the library's clear errors into a one-line message and exit code 2 (no deep traceback)."""
     from pipeline.artifacts import ArtifactError
@@ -166,20 +138,6 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
     except KeyboardInterrupt:
         print("\ninterrupted: what was finished is kept; the same command resumes.", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-
-
-def export_submitit_distributed_env() -> None:
-    """Inside a multi-task submitit job (``hydra/launcher=slurm_ddp``, or ``local`` with
-    ``tasks_per_node>1``), export the RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT that torch's
-    ``env://`` initialisation (and torchrun) use, so one code path serves torchrun and SLURM."""
-    import os
-
-    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
-        return
-    import submitit
-
-    if submitit.JobEnvironment().num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 # ------------------------------------------------------------------------------------------- life cycle
