@@ -12,15 +12,16 @@ leaves pseudo_labels.json untouched; another clustering setting on a finished ru
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_coco_boxes, read_json, write_json
+from pipeline.artifacts import read_coco_boxes, read_json
+from pipeline.clustering.run import cluster_boxes, format_cluster_summary, redraw_galleries
+from pipeline.clustering.settings import ClusteringSettings
 from pipeline.provenance import random_init
 from pipeline.rerun import input_hashes
 from stages.common import (Produced, StageError, build_backbone_from_cfg, build_dataset_from_cfg, coco_image_root,
@@ -75,47 +76,22 @@ def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
     return coco, root, path
 
 
-def galleries(coco: dict, root: Path, index: list, labels: np.ndarray, out_dir: Path, n: int, thumb: int,
-              note: str = "") -> None:
-    from pipeline.clustering.features import load_box_crops
-    from pipeline.viz.gallery import write_cluster_galleries
-
-    firsts: dict[int, list[int]] = {}
-    for (ann_id, _), lab in zip(index, labels):
-        if len(firsts.setdefault(int(lab), [])) < n:
-            firsts[int(lab)].append(int(ann_id))
-    crops = load_box_crops(coco, root, [a for ids in firsts.values() for a in ids])
-    shutil.rmtree(out_dir, ignore_errors=True)
-    sizes = {k: int((labels == k).sum()) for k in firsts}
-    write_cluster_galleries({k: [crops[a] for a in ids if a in crops] for k, ids in firsts.items()}, out_dir,
-                            sizes=sizes, n=n, thumb=thumb, note=note)
-
-
 def _redraw_galleries(cfg: DictConfig, stage_dir: Path) -> Produced:
     """Only report settings changed: new galleries from the existing pseudo_labels.json (left untouched)."""
-    labels_coco = read_json(stage_dir / "pseudo_labels.json", "pseudo-label file")
-    metrics = read_json(stage_dir / "metrics.json")
-    index = [(int(a["id"]), int(a["image_id"])) for a in labels_coco["annotations"]]
-    labels = np.array([int(a["category_id"]) - 1 for a in labels_coco["annotations"]], dtype=np.int64)
-    root = Path(labels_coco["info"].get("image_root") or ".")
-    galleries(labels_coco, root, index, labels, stage_dir / "galleries", int(cfg.viz.gallery_size),
-              int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if metrics.get("random_init") else "")
-    info = labels_coco["info"]
+    metrics, info = redraw_galleries(stage_dir, int(cfg.viz.gallery_size), int(cfg.viz.thumb))
     return _produced(cfg, metrics, Path(info["clustering"]["input"]), info["clustering"]["backbone"],
                      info.get("features_key"), made=["galleries/"])
 
 
-def _cluster_quality(cfg: DictConfig, labels_coco: dict) -> dict | None:
-    """Purity and NMI of the clusters against the dataset's GT classes (each box takes the class of its best
-    GT box at IoU >= 0.5; see pipeline.evaluation.cluster_quality), None without GT."""
+def _gt_records(cfg: DictConfig):
+    """The dataset's records when it has GT classes (for purity/NMI), else None."""
     from pipeline.data import DatasetError
-    from pipeline.evaluation.cluster_quality import cluster_quality_for_boxes
 
     try:
         ds = build_dataset_from_cfg(cfg)
     except (DatasetError, FileNotFoundError):  # boxes of another dataset (cluster.boxes=...): no GT here
         return None
-    return cluster_quality_for_boxes(labels_coco, ds.records) if ds.has_gt else None
+    return ds.records if ds.has_gt else None
 
 
 def _produced(cfg: DictConfig, metrics: dict, in_path: Path, desc: dict, key, made: list[str]) -> Produced:
@@ -133,12 +109,13 @@ def run(cfg: DictConfig) -> dict:
                      inputs={"input.boxes": f"the input {in_path}{producer}"}, produce=lambda out: _cluster(cfg, out),
                      redo_report=lambda d, _changes: _redraw_galleries(cfg, d),
                      redo_says="redrawing the galleries; pseudo_labels.json is unchanged",
-                     summary=lambda d, m, _made: _print_summary(d, Path(cfg.dirs.cluster_features), m))
+                     summary=lambda d, m, _made: print(format_cluster_summary(d, Path(cfg.dirs.cluster_features), m),
+                                                                 flush=True))
 
 
 def _cluster(cfg: DictConfig, out_dir: Path) -> Produced:
     """Crop features (cached, keyed by what produced them: reused even when forced) -> K-means -> pseudo-labels."""
-    from pipeline.clustering import extract_box_features, kmeans, make_pseudo_labels, prepare_features
+    from pipeline.clustering import extract_box_features
 
     c = cfg.cluster
     coco, root, in_path = load_boxes(cfg)
@@ -149,52 +126,22 @@ def _cluster(cfg: DictConfig, out_dir: Path) -> Produced:
         raise StageError(f"cluster.k={c.k} but {in_path} holds only {len(coco['annotations'])} boxes{kept}: lower "
                          "cluster.k.")
     backbone = build_backbone_from_cfg(cfg, resolve_device(cfg.device))
-    desc = backbone.describe()
-    t0 = time.time()
+    desc, t0 = backbone.describe(), time.time()
     feats = extract_box_features(coco, root, backbone, batch_size=int(c.batch_size),
                                  cache_dir=Path(cfg.dirs.cluster_features), progress=bool(cfg.progress),
                                  short_side=int(c.short_side), max_size=None if c.max_size is None else int(c.max_size))
-    t_feat = time.time() - t0
     if len(feats.index) < int(c.k):
         raise StageError(f"cluster.k={c.k} but only {len(feats.index)} boxes could be cropped "
                          f"({len(feats.skipped)} skipped): lower cluster.k.")
-    x = prepare_features(feats.features, whiten_features=bool(c.whiten), normalize=bool(c.l2_normalize))
-    t0 = time.time()
+    settings = ClusteringSettings(**{f.name: c[f.name] for f in dataclasses.fields(ClusteringSettings)})
     try:
-        result = kmeans(x, int(c.k), seed=int(c.seed), n_init=int(c.n_init), iters=int(c.iters))
+        metrics = cluster_boxes(coco, root, feats, settings, out_dir, source=str(c.source), in_path=in_path,
+                                backbone_desc=desc, feature_seconds=time.time() - t0,
+                                gallery_size=int(cfg.viz.gallery_size), thumb=int(cfg.viz.thumb),
+                                gt_records=_gt_records(cfg))
     except ValueError as e:  # the library names its parameters; here they are cluster.* keys
         raise StageError(f"cluster.{e}") from None
-    t_km = time.time() - t0
-    is_random = random_init(backbone=desc)
-    clustering = {"source": str(c.source), "input": str(in_path), "k": int(c.k), "seed": int(c.seed),
-                  "n_init": int(c.n_init), "iters": int(c.iters), "whiten": bool(c.whiten),
-                  "l2_normalize": bool(c.l2_normalize), "short_side": int(c.short_side), "backbone": desc,
-                  "random_init": is_random}
-    labels_coco = make_pseudo_labels(coco, feats.index, result, extra_info={"image_root": str(root),
-                                                                            "clustering": clustering,
-                                                                            "features_key": feats.key})
-    write_json(out_dir / "pseudo_labels.json", labels_coco)
-    galleries(coco, root, feats.index, result.labels, out_dir / "galleries", int(cfg.viz.gallery_size),
-              int(cfg.viz.thumb), note="RANDOM WEIGHTS: not a result" if is_random else "")
-    metrics = {"k": int(c.k), "boxes": len(feats.index), "skipped": len(feats.skipped),
-               "skipped_boxes": feats.skipped[:100], "inertia": result.inertia,
-               "restart_inertias": result.restart_inertias, "best_seed": result.seed,
-               "sizes": [int(s) for s in result.sizes], "empty_clusters": int((result.sizes == 0).sum()),
-               "features_from_cache": feats.from_cache, "feature_seconds": round(t_feat, 3),
-               "kmeans_seconds": round(t_km, 3), "random_init": is_random, "source": str(c.source),
-               "cluster_quality": _cluster_quality(cfg, labels_coco)}
     return _produced(cfg, metrics, in_path, desc, feats.key, made=["pseudo_labels.json", "galleries/"])
-
-
-def _print_summary(stage_dir: Path, feat_dir: Path, m: dict) -> None:
-    how = "loaded from cache" if m["features_from_cache"] else f"computed in {m['feature_seconds']:.1f} s"
-    tag = "  [RANDOM WEIGHTS: smoke test, not a result]" if m["random_init"] else ""
-    q = m.get("cluster_quality")
-    quality = "" if not q or q.get("purity") is None else (f"\npurity {q['purity']:.3f}, NMI {q['nmi']:.3f} against the GT classes "
-                                f"({q['matched']}/{q['boxes']} boxes matched a GT box){tag}")
-    print(f"cluster: {m['boxes']} boxes ({m['skipped']} skipped), features {how} ({feat_dir})\n"
-          f"K-means k={m['k']}: inertia {m['inertia']:.4f}, sizes {m['sizes']}{tag}{quality}\n"
-          f"artifacts: {stage_dir}/ (pseudo_labels.json, metrics.json, manifest.json, galleries/)", flush=True)
 
 
 @stage_main("cluster")

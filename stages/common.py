@@ -6,14 +6,13 @@ This is the only place (with the other ``stages/*.py``) that knows about Hydra/O
 from __future__ import annotations
 
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import runtime
+from pipeline.lifecycle import Produced  # noqa: F401 - what a stage's work returns to run_stage
 from pipeline.runtime import Timer, export_submitit_distributed_env, warn_random  # noqa: F401 - used by the stages
 
 
@@ -140,61 +139,10 @@ def run_guarded(fn, cfg: DictConfig) -> Any:
         raise SystemExit(130) from None
 
 
-# ------------------------------------------------------------------------------------------- life cycle
-@dataclass
-class Produced:
-    """What a stage's work returns to :func:`run_stage`: its metrics (written as metrics.json), the files it
-    made (for the summary), the input files the manifest hashes, and the manifest's stage-specific entries."""
-    metrics: dict
-    made: list[str] = field(default_factory=list)
-    inputs: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-    weights_sha256: str | None = None
+def run_stage(cfg: DictConfig, *, force: bool | None = None, **kw) -> dict | None:
+    """:func:`pipeline.lifecycle.run_stage` in ``cfg.stage_dir`` with the resolved config in the manifest and
+    ``force`` from the config unless given."""
+    from pipeline.lifecycle import run_stage as life_cycle
 
-
-def run_stage(cfg: DictConfig, *, stage: str, artifact: dict, report: dict, outputs: tuple[str, ...],
-              produce: Callable[[Path], Produced | None], redo_report: Callable[[Path, tuple], Produced] | None = None,
-              summary: Callable[[Path, dict, list[str] | None], None], inputs: dict | None = None,
-              keep: bool = False, force: bool | None = None, complete: bool = True,
-              redo_says: str = "redoing the report; the results are kept") -> dict | None:
-    """The one life cycle of a stage that writes results: plan -> up to date / report only / run ->
-    metrics.json -> manifest.json -> summary.
-
-    ``plan_rerun`` decides: "up to date" prints the stored summary; "report only" calls ``redo_report(dir,
-    changes)`` on the finished results; "run" calls ``produce(out_dir)``, where ``out_dir`` is the stage dir,
-    or under ``force`` a replacement folder beside it, swapped in only once everything is written (``keep``:
-    continue what a killed forced run left there). ``produce`` returns None when there is nothing to finalise
-    yet (a shard waiting for the others, a stopped training). ``inputs`` describes input hashes for messages
-    (:func:`pipeline.rerun.explain_changes`); ``redo_says`` what a report-only rerun does. ``complete=False``:
-    the stage knows its results miss something (a grown image set): it runs, however complete its files look."""
-    from pipeline.artifacts import (begin_replacement, commit_replacement, read_json, recover_replacement,
-                                    write_json, write_manifest)
-    from pipeline.rerun import plan_rerun
-
-    timer = Timer()
-    stage_dir = Path(cfg.stage_dir)
-    recover_replacement(stage_dir)
-    force = bool(cfg.force) if force is None else force
-    plan = plan_rerun(stage_dir, stage=stage, artifact=artifact, report=report, outputs=outputs,
-                      force=force or not complete, inputs=inputs)
-    if plan.action == "skip":
-        print(f"{stage}: {stage_dir} is up to date (same config and inputs, complete); FORCE=1 redoes it.", flush=True)
-        metrics = read_json(stage_dir / "metrics.json")
-        summary(stage_dir, metrics, None)
-        return metrics
-    if plan.action == "report" and redo_report is not None:
-        print(f"{stage}: only report settings changed ({'; '.join(plan.report_changes)}): {redo_says}.", flush=True)
-        out_dir, done = stage_dir, redo_report(stage_dir, plan.report_changes)
-    else:
-        out_dir = begin_replacement(stage_dir, keep=keep) if force else stage_dir
-        done = produce(out_dir)
-        if done is None:
-            return None
-    write_json(out_dir / "metrics.json", done.metrics)
-    write_manifest(out_dir, stage=stage, config=to_container(cfg), inputs=done.inputs,
-                   weights_sha256=done.weights_sha256, start_time=timer.start, end_time=time.time(),
-                   extra={**done.extra, "artifact": artifact, "report": report})
-    if out_dir != stage_dir:
-        commit_replacement(stage_dir, out_dir)
-    summary(stage_dir, done.metrics, [*done.made, "metrics.json", "manifest.json"])
-    return done.metrics
+    return life_cycle(Path(cfg.stage_dir), config=to_container(cfg), force=bool(cfg.force) if force is None else force,
+                      redo_hint="FORCE=1 redoes it", **kw)
