@@ -176,6 +176,7 @@ class MiningRun(MiningSink):
         """Rows -> the COCO ``pseudo_boxes.json`` dict: one annotation per box with its ``score`` and ``rank``
         (file names relative to ``info.image_root``); an image mining failed on carries its ``mining_error``."""
         from pipeline.artifacts import coco_boxes_dataset
+        from pipeline.masks import rle_area
 
         root = self.info["image_root"]
         images, anns = [], []
@@ -184,11 +185,14 @@ class MiningRun(MiningSink):
                            "width": r["width"], "height": r["height"], "dataset_id": r["image_id"]})
             if r["error"] is not None:  # later stages leave it out (no detector runs on an image mining failed on)
                 images[-1]["mining_error"] = r["error"]
-            for rank, (box, score) in enumerate(zip(r["boxes"], r["scores"])):
+            masks = r.get("masks") or [None] * len(r["boxes"])  # rows journaled before masks have none
+            for rank, (box, score, mask) in enumerate(zip(r["boxes"], r["scores"], masks)):
                 ann = {"image_id": int(r["coco_id"]), "bbox_xyxy": box, "category_id": 1, "score": score,
                        "rank": rank}
                 if rank == 0:
                     ann["seed"] = r["seed"]
+                if mask is not None:
+                    ann.update(segmentation=mask, area=float(rle_area(mask)))
                 anns.append(ann)
         return coco_boxes_dataset(images, anns, info=self.info)
 
@@ -259,7 +263,8 @@ def mine_images(dataset: Dataset, backbone, miner, indices: Sequence[int], sinks
         t3 = time.perf_counter()
         for item in items:
             result = found.get(item["index"])
-            row = make_row(item["record"], item["size"], result, item["error"], item["original_size"])
+            row = make_row(item["record"], item["size"], result, item["error"], item["original_size"],
+                           patch_size=backbone.patch_size)
             for sink in sinks:
                 sink.process(item["index"], item["record"], result, row, item["size"])
             stats.images += 1
@@ -272,11 +277,15 @@ def mine_images(dataset: Dataset, backbone, miner, indices: Sequence[int], sinks
     return stats
 
 
-def make_row(rec: ImageRecord, size, result, error: str | None, original_size=None) -> dict:
+def make_row(rec: ImageRecord, size, result, error: str | None, original_size=None, *,
+             patch_size: int | None = None) -> dict:
     """The journal row of one image: its boxes in rank order with their scores (none when it failed), in the
-    pixels of the original image (``size`` is what the miner saw, ``original_size`` the decoded image)."""
+    pixels of the original image (``size`` is what the miner saw, ``original_size`` the decoded image), and
+    with ``patch_size`` each box's object mask as compressed RLE of the original image
+    (:func:`pipeline.masks.patch_mask_to_pixels`)."""
     from pipeline.data.loader import box_to_original
     from pipeline.discovery import boxes_of
+    from pipeline.masks import encode_rle, patch_mask_to_pixels
 
     original_size = original_size or size
     h, w = original_size if original_size is not None else (rec.height, rec.width)
@@ -290,6 +299,8 @@ def make_row(rec: ImageRecord, size, result, error: str | None, original_size=No
         row["scores"] = [b.score for b in mined]
         seed = getattr(result, "seed", None)
         row["seed"] = None if seed is None else int(seed)
+        if patch_size and all(b.mask is not None for b in mined):
+            row["masks"] = [encode_rle(patch_mask_to_pixels(b.mask, patch_size, size, (h, w))) for b in mined]
     return row
 
 
@@ -320,7 +331,27 @@ def mining_metrics(rows: Sequence[dict], dataset: Dataset, info: dict) -> dict:
         metrics.update(corloc=res.corloc, corloc_hits=res.hits, corloc_total=res.total)
         if any(len(r["boxes"]) > 1 for r in rows):
             metrics["multi_box"] = multi_box_scores(all_boxes(rows), dataset.records).as_dict()
+    if dataset.has_masks and any(r.get("masks") for r in rows):
+        metrics.update(pseudo_mask_scores(rows, dataset.records))
     return metrics
+
+
+AP_KEYS = ("AP", "AP50", "AP75", "AR100")
+
+
+def pseudo_mask_scores(rows: Sequence[dict], records) -> dict:
+    """Class-agnostic COCO box and mask AP / AP50 / AP75 / AR100 of the ranked pseudo-boxes and their masks
+    (scored by the miner's score) against the GT objects of every category, as CutLER scores MaskCut."""
+    from pipeline.evaluation.coco_ap import evaluate_ap
+
+    dets = [{"image_id": int(r["coco_id"]), "category_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+             "score": float(s), "segmentation": m}
+            for r in rows for b, s, m in zip(r["boxes"], r["scores"], r.get("masks") or [])]
+    out = {}
+    for key, iou_type in (("box_ap", "bbox"), ("mask", "segm")):
+        res = evaluate_ap(records, dets, mode="coco", class_agnostic=True, iou_type=iou_type)
+        out[key] = {k: round(res[k], 4) for k in AP_KEYS}
+    return out
 
 
 def format_mining_summary(metrics: dict, stage_dir: str | os.PathLike, made: Sequence[str] | None) -> str:
@@ -340,6 +371,11 @@ def format_mining_summary(metrics: dict, stage_dir: str | os.PathLike, made: Seq
                      f"{mb['objects_total']}), "
                      f"{mb['boxes_per_image']:.2f} boxes/image, any-box CorLoc (MOST's protocol, not CorLoc): "
                      f"{mb['any_box_corloc']:.2f} %{tag}")
+    for key, what in (("box_ap", "box"), ("mask", "mask")):
+        if metrics.get(key):
+            m = metrics[key]
+            lines.append(f"pseudo-{what} AP (class-agnostic, COCO style): AP {m['AP']:.2f}, AP50 {m['AP50']:.2f}, "
+                         f"AP75 {m['AP75']:.2f}, AR100 {m['AR100']:.2f}{tag}")
     lines += [f"  failed: {f['path']}: {f['error']}" for f in metrics["failed_images"][:10]]
     lines.append(f"artifacts: {stage_dir}/ " + ("(unchanged)" if made is None else f"({', '.join(made)})"))
     return "\n".join(lines)

@@ -69,9 +69,25 @@ def test_voc07_mini_and_dinoseg(tmp_path, voc07_mini):
     assert (tmp_path / "voc07" / "dino_vits16" / "mine_dinoseg" / "pseudo_boxes.json").is_file()
 
 
-def test_coco_tiny(tmp_path, coco_tiny):
-    _, metrics = _mine(tmp_path, "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=2")
+def test_coco_tiny_writes_pseudo_masks_and_scores_them(tmp_path, coco_tiny):
+    """Every pseudo-box has its mask as RLE of its image's size, ``area`` its pixel count, the box its extent;
+    with GT masks the stage scores boxes and masks COCO-style (random weights: only the ranges are checked)."""
+    from pipeline.masks import decode_rle
+
+    _, metrics = _mine(tmp_path, "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=2",
+                       "miner=maskcut")
     assert metrics["images"] == 2 and metrics["corloc"] is not None
+    data = _check_coco(tmp_path / "coco" / "dino_vits16" / "mine_maskcut" / "pseudo_boxes.json", 2)
+    size = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    assert data["annotations"]
+    for a in data["annotations"]:
+        m = decode_rle(a["segmentation"])
+        assert m.shape == size[a["image_id"]] and a["area"] == m.sum() > 0
+        ys, xs = np.nonzero(m)
+        assert [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()] == a["bbox"]
+    for key in ("mask", "box_ap"):
+        assert set(metrics[key]) == {"AP", "AP50", "AP75", "AR100"}
+        assert all(0.0 <= v <= 100.0 for v in metrics[key].values())
 
 
 def test_folder_with_corrupt_image_is_skipped_and_reported(tmp_path):

@@ -71,7 +71,9 @@ def _records(data: dict, ann_file: Path, image_paths: dict[int, str], ids: list[
         records.append(ImageRecord(
             image_id=str(i), coco_id=int(i), path=image_paths[i], width=im.get("width"), height=im.get("height"),
             boxes=boxes if boxes is not None else [], classes=classes,
-            difficult=[is_difficult(a) for a in anns], crowd=[bool(a.get("iscrowd", 0)) for a in anns]))
+            difficult=[is_difficult(a) for a in anns], crowd=[bool(a.get("iscrowd", 0)) for a in anns],
+            segmentations=[a.get("segmentation") or None for a in anns] if any("segmentation" in a for a in anns)
+            else []))
     empty = sum(len(r.boxes) == 0 for r in records)
     if empty:
         warnings.warn(f"{ann_file.name}: {empty} of {len(records)} images have no annotation "

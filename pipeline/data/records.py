@@ -27,7 +27,9 @@ class ImageRecord:
     ``image_id`` is the dataset's own string id (VOC ``"000005"``, COCO ``"139"``, a folder's
     relative path); ``coco_id`` is the integer id used in COCO-format artifacts.
     ``width``/``height`` come from the annotation when it has them (None otherwise: the loader
-    reads them from the decoded image). ``has_gt`` is False for unlabelled folders.
+    reads them from the decoded image). ``has_gt`` is False for unlabelled folders. ``segmentations``: each
+    GT object's COCO segmentation (polygons or RLE, None for an object without one), empty when the
+    dataset has no masks (VOC, folders).
     """
 
     image_id: str
@@ -40,6 +42,11 @@ class ImageRecord:
     difficult: np.ndarray = field(default_factory=_empty_flags)
     crowd: np.ndarray = field(default_factory=_empty_flags)
     has_gt: bool = True
+    segmentations: list = field(default_factory=list)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s is not None for s in self.segmentations)
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
@@ -51,6 +58,8 @@ class ImageRecord:
                 f"image {self.image_id!r}: {n} boxes but {len(self.classes)} classes, "
                 f"{len(self.difficult)} difficult flags and {len(self.crowd)} crowd flags"
             )
+        if self.segmentations and len(self.segmentations) != n:
+            raise ValueError(f"image {self.image_id!r}: {n} boxes but {len(self.segmentations)} segmentations")
 
 
 @dataclass
@@ -71,3 +80,8 @@ class Dataset:
     @property
     def has_gt(self) -> bool:
         return any(r.has_gt for r in self.records)
+
+    @property
+    def has_masks(self) -> bool:
+        """Some GT object has a mask (COCO instances; VOC and folders have none)."""
+        return any(r.has_masks for r in self.records)

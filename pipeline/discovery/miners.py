@@ -37,9 +37,10 @@ class Needs:
 
 @dataclass(frozen=True)
 class MinedBox:
-    box: tuple[float, float, float, float]   # xyxy pixels of the original image, x2/y2 exclusive
+    box: tuple[float, float, float, float]   # xyxy pixels of the image the miner saw, x2/y2 exclusive
     score: float
     rank: int
+    mask: Optional[np.ndarray] = None        # (h, w) bool patch mask of the object (its box is the mask's extent)
 
 
 class Miner:
@@ -121,15 +122,15 @@ class Miner:
 
 
 def boxes_of(result) -> list[MinedBox]:
-    """The ranked boxes of any miner result: ``result.boxes``/``scores`` when it has several, else its
-    ``box``/``score``."""
+    """The ranked boxes of any miner result with their patch masks: ``result.boxes``/``scores``/``masks`` when
+    it has several, else its ``box``/``score``/``mask``."""
     boxes = getattr(result, "boxes", None)
     if boxes is None:
-        boxes, scores = [result.box], [result.score]
+        boxes, scores, masks = [result.box], [result.score], [getattr(result, "mask", None)]
     else:
-        scores = result.scores
-    return [MinedBox(tuple(float(v) for v in np.asarray(b, dtype=np.float64).reshape(4)), float(s), r)
-            for r, (b, s) in enumerate(zip(boxes, scores))]
+        scores, masks = result.scores, getattr(result, "masks", None) or [None] * len(boxes)
+    return [MinedBox(tuple(float(v) for v in np.asarray(b, dtype=np.float64).reshape(4)), float(s), r, m)
+            for r, (b, s, m) in enumerate(zip(boxes, scores, masks))]
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -10,6 +10,9 @@ is closer to the VOC devkit's own rule. The metric is COCO's: 101-point interpol
 at most 100 detections per image, IoU 0.50 (``AP50``) and 0.50:0.95 (``AP``); numbers in percent.
 
 ``class_agnostic=True`` maps every GT box and every detection to one category ``object``.
+
+``iou_type="segm"``: mask AP (pycocotools' ``segm``), detections with a ``segmentation`` (COCO RLE) against the
+records' GT masks (``ImageRecord.segmentations``; an object without a mask counts with its box as a rectangle).
 """
 from __future__ import annotations
 
@@ -24,10 +27,16 @@ from pipeline.boxes import xyxy_to_xywh
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+def _box_polygon(x: float, y: float, w: float, h: float) -> list:
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
 def build_coco_gt(records: Sequence, *, mode: str = "voc", class_agnostic: bool = True,
-                  class_names: Sequence[str] | None = None, voc_difficult: str = "remove") -> dict:
+                  class_names: Sequence[str] | None = None, voc_difficult: str = "remove",
+                  masks: bool = False) -> dict:
     """A COCO GT dataset dict from records (image ids = ``coco_id``; category ids 1..C in
-    ``class_names`` order, or a single ``object`` category when class-agnostic)."""
+    ``class_names`` order, or a single ``object`` category when class-agnostic); with ``masks`` every
+    annotation has its ``segmentation``."""
     if mode not in ("voc", "coco"):
         raise ValueError(f"AP mode must be 'voc' or 'coco', got {mode!r}")
     if voc_difficult not in ("remove", "ignore"):
@@ -51,7 +60,8 @@ def build_coco_gt(records: Sequence, *, mode: str = "voc", class_agnostic: bool 
     for r in records:
         images.append({"id": int(r.coco_id), "file_name": str(r.path), "width": int(r.width or 0),
                        "height": int(r.height or 0)})
-        for box, cls, diff, crowd in zip(xyxy_to_xywh(r.boxes), r.classes, r.difficult, r.crowd):
+        segs = r.segmentations or [None] * len(r.boxes)
+        for box, cls, diff, crowd, seg in zip(xyxy_to_xywh(r.boxes), r.classes, r.difficult, r.crowd, segs):
             iscrowd = bool(crowd)
             if mode == "voc" and diff:
                 if voc_difficult == "remove":
@@ -60,13 +70,16 @@ def build_coco_gt(records: Sequence, *, mode: str = "voc", class_agnostic: bool 
             x, y, w, h = (float(v) for v in box)
             anns.append({"id": len(anns) + 1, "image_id": int(r.coco_id), "category_id": cat_of(cls),
                          "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(iscrowd)})
+            if masks:
+                anns[-1]["segmentation"] = seg if seg is not None else _box_polygon(x, y, w, h)
     return {"images": images, "annotations": anns, "categories": cats}
 
 
 def evaluate_ap(records: Sequence, results: Sequence[dict], *, mode: str = "voc", class_agnostic: bool = True,
                 class_names: Sequence[str] | None = None, voc_difficult: str = "remove",
-                per_category: bool = False) -> dict:
-    """AP of COCO-format ``results`` (``image_id`` = record ``coco_id``) against ``records``' GT.
+                per_category: bool = False, iou_type: str = "bbox") -> dict:
+    """AP of COCO-format ``results`` (``image_id`` = record ``coco_id``) against ``records``' GT: of their boxes
+    (``iou_type="bbox"``) or of their masks (``"segm"``: results carry a ``segmentation``).
 
     Returns ``{"AP50", "AP", "AP75", ..., "num_images", "num_gt", "num_detections", "summary"}``
     (numbers in percent; ``summary`` is pycocotools' printed table) and, with ``per_category``,
@@ -75,15 +88,21 @@ def evaluate_ap(records: Sequence, results: Sequence[dict], *, mode: str = "voc"
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    segm = iou_type == "segm"
+    if segm and not any(getattr(r, "has_masks", False) for r in records):
+        raise ValueError("mask AP needs ground-truth masks, but no image has any (COCO instances have them; VOC "
+                         "boxes do not)")
     gt = build_coco_gt(records, mode=mode, class_agnostic=class_agnostic, class_names=class_names,
-                       voc_difficult=voc_difficult)
+                       voc_difficult=voc_difficult, masks=segm)
     img_ids = {im["id"] for im in gt["images"]}
     res = [dict(d, category_id=1) if class_agnostic else dict(d) for d in results]
     stray = sorted({int(d["image_id"]) for d in res} - img_ids)
     if stray:
         raise ValueError(f"{len(stray)} detection image id(s) are not in the evaluated dataset (e.g. {stray[:5]}): "
                          "detections and ground truth must come from the same dataset")
-    out = {"mode": mode, "class_agnostic": class_agnostic, "num_images": len(img_ids),
+    out = {"mode": mode, "class_agnostic": class_agnostic, "iou_type": iou_type, "num_images": len(img_ids),
            "num_gt": sum(1 for a in gt["annotations"] if not a["iscrowd"]), "num_detections": len(res)}
     if not res or not out["num_gt"]:
         out.update({k: 0.0 for k in STAT_NAMES})
@@ -94,8 +113,8 @@ def evaluate_ap(records: Sequence, results: Sequence[dict], *, mode: str = "voc"
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes([dict(d, bbox=[float(v) for v in d["bbox"]]) for d in res])
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_dt = coco_gt.loadRes([_result(d, segm) for d in res])
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         start = buf.tell()
@@ -112,3 +131,14 @@ def evaluate_ap(records: Sequence, results: Sequence[dict], *, mode: str = "voc"
             ap50 = float(np.mean(p50[p50 > -1])) * 100 if (p50 > -1).any() else float("nan")
             out["per_category"][cat["name"]] = {"AP50": ap50, "AP": ap}
     return out
+
+
+def _result(d: dict, segm: bool) -> dict:
+    """One detection as pycocotools' ``loadRes`` takes it: for masks the segmentation alone (it derives the box
+    and area from it), else the box as floats."""
+    if segm:
+        if "segmentation" not in d:
+            raise ValueError(f"a detection of image {d.get('image_id')} has no 'segmentation': mask AP needs "
+                             "the mask of every detection")
+        return {k: v for k, v in d.items() if k not in ("bbox", "area")}
+    return dict(d, bbox=[float(v) for v in d["bbox"]])

@@ -166,7 +166,8 @@ def apply_difficult(records: Iterable[ImageRecord], mode: str = "ignore",
         if mode == "remove":
             keep = ~diff
             out.append(replace(r, boxes=r.boxes[keep], classes=[c for c, k in zip(r.classes, keep) if k],
-                               difficult=np.zeros(int(keep.sum()), bool), crowd=crowd[keep]))
+                               difficult=np.zeros(int(keep.sum()), bool), crowd=crowd[keep],
+                               segmentations=[g for g, k in zip(r.segmentations, keep) if k]))
         else:
             out.append(replace(r, boxes=r.boxes.copy(), classes=list(r.classes), difficult=diff, crowd=crowd))
     return out
