@@ -310,3 +310,17 @@ def test_every_picture_kind_has_a_legend_of_its_colours():
     # the legend is never cut off: a 1 x 1 picture is widened to hold it
     tiny = draw_detections(np.zeros((1, 1, 3), np.uint8), [[0, 0, 1, 1]], [0.9], gt_boxes=[[0, 0, 1, 1]])
     assert tiny.width > 100 and {style.PRED, style.GT} <= legend_colours(tiny)
+
+
+def test_mask_painter_survives_empty_odd_and_misfit_masks():
+    from pipeline.viz.masks import PALETTE, tint_masks
+
+    img = np.full((4, 5, 3), 100.0, np.float32)
+    inner = np.zeros((4, 5), np.uint8)
+    inner[1:3, 1:4] = 1
+    assert tint_masks(img, [np.zeros((4, 5), bool), np.ones((3, 3), bool), inner]) == 1
+    # the third mask is the one drawn (the empty one takes colour 0, the misfit is counted, not drawn)
+    assert tuple(img[1, 1]) == tuple(float(v) for v in PALETTE[2])          # its outline, in its colour
+    assert tuple(img[0, 0]) == (100.0, 100.0, 100.0)                        # outside it: untouched
+    one = np.zeros((1, 1, 3), np.float32)
+    assert tint_masks(one, [np.ones((1, 1), bool)]) == 0 and one.any()

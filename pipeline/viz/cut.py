@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.viz.boxes import draw_boxes
+from pipeline.viz.masks import PALETTE, tint_masks
 from pipeline.viz.mining import (EXPANSION, PRED, SEED, _patch_grid_mask, draw_box_and_gt, line_width,
                                  mining_keys, mining_overlay, save_png, scale_boxes, upsample_grid, zoom_image)
 from pipeline.viz.style import EXPANSION as EXPANSION_RGB
@@ -53,15 +54,17 @@ def eigvec_heatmap(eigvec: np.ndarray, patch_size: int, size: tuple[int, int]) -
 def cut_keys(result, gt_boxes=None) -> list[Key]:
     """The legend of a cut picture: the eigenvector's colour scale, the foreground side, then what the
     mining overlay shows (seed, component, box, GT)."""
+    more = [Key(PALETTE[0], "masks 2, 3, ...")] if len(getattr(result, "masks", None) or []) > 1 else []
     return [Key(NEGATIVE_RGB, "eigvec < 0"), Key(ZERO, "0"), Key(POSITIVE_RGB, "> 0 (object side)"),
-            Key(EXPANSION_RGB, "foreground side"), *mining_keys(result, gt_boxes)]
+            Key(EXPANSION_RGB, "foreground side"), *mining_keys(result, gt_boxes), *more]
 
 
 def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: str = "") -> Image.Image:
     """Three panels of ``image`` (H, W, 3 uint8), each enlarged by :func:`panel_zoom`, left to right:
 
     * the boxes (first box red as in :func:`pipeline.viz.mining.draw_mining`, with its mask tinted and
-      its seed patch in yellow; later boxes numbered in rank order, thinner) and GT boxes (green);
+      its seed patch in yellow; later boxes numbered in rank order, their masks translucent in a colour
+      each) and GT boxes (green);
     * the eigenvector of the first cut (``result.eigvec``) as a heat map (red = object side);
     * the bipartition (``result.bipartition``, blue tint) with the first object's mask outlined by
       its box;
@@ -75,6 +78,12 @@ def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: s
     lw = line_width(Hk, Wk)
     left, skipped = mining_overlay(image, result, patch_size, gt_boxes, zoom=k)
     later = list(getattr(result, "boxes", [result.box]))[1:]
+    later_masks = list(getattr(result, "masks", None) or [])[1:]
+    if later_masks:  # the later objects' masks, translucent, a colour each (the first is the component)
+        tinted = np.asarray(left).astype(np.float32)
+        tint_masks(tinted, [upsample_grid(np.asarray(m, dtype=bool), patch, Hk, Wk) for m in later_masks],
+                   outline=max(1, lw // 2))
+        left = Image.fromarray(np.clip(tinted, 0, 255).astype(np.uint8))
     skipped += draw_boxes(left, scale_boxes(later, k), PRED, lw,
                           labels=[str(rank) for rank in range(2, len(later) + 2)], label_colour=SEED)
 

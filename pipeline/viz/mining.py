@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.viz.boxes import as_boxes, draw_box, draw_boxes
+from pipeline.viz.masks import edge
 from pipeline.viz.style import COMPONENT, GT, PRED, SEED, Key, finish_picture, save_png
 from pipeline.viz.style import EXPANSION as _EXPANSION
 
@@ -57,19 +58,6 @@ def scale_boxes(boxes, k: float):
     return None if boxes is None else as_boxes(boxes) * k
 
 
-def _edge(mask: np.ndarray, width: int) -> np.ndarray:
-    """Pixels of ``mask`` within ``width`` pixels of its border (the outline drawn inside it)."""
-    inner = mask.copy()
-    for _ in range(max(1, width)):
-        shrunk = inner.copy()
-        shrunk[1:, :] &= inner[:-1, :]
-        shrunk[:-1, :] &= inner[1:, :]
-        shrunk[:, 1:] &= inner[:, :-1]
-        shrunk[:, :-1] &= inner[:, 1:]
-        inner = shrunk
-    return mask & ~inner
-
-
 def draw_box_and_gt(image: Image.Image, box, gt_boxes, lw: int) -> int:
     """The GT boxes (green) and the predicted box (red, thicker) on ``image`` (in place); returns how many
     could not be drawn (see :func:`pipeline.viz.boxes.draw_boxes`)."""
@@ -91,7 +79,7 @@ def mining_overlay(image: np.ndarray, result, patch_size: int, gt_boxes=None, zo
         comp = upsample_grid(np.asarray(mask, dtype=bool), patch, h, w)
         if comp.any():
             img[~comp] *= OUTSIDE_DIM
-            outline = _edge(comp, lw)
+            outline = edge(comp, lw)
         similars = getattr(result, "similars", None)
         if similars is not None:
             sim = upsample_grid(_patch_grid_mask(similars, dims), patch, h, w)
