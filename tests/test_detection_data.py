@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import json
 
 import numpy as np
@@ -117,3 +118,62 @@ def test_infinite_sampler_is_seeded_resumable_and_sharded():
     r0 = list(itertools.islice(iter(InfiniteSampler(n, seed=3, start=2, rank=0, world_size=2)), 5))
     r1 = list(itertools.islice(iter(InfiniteSampler(n, seed=3, start=2, rank=1, world_size=2)), 5))
     assert r0 == stream[2:12:2] and r1 == stream[3:13:2]
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def _masked(tmp_path):
+    """One 40 x 30 image, two objects with masks (RLE and polygon) and a degenerate box (dropped with its mask)."""
+    from pipeline.masks import encode_rle
+
+    _image(tmp_path / "a.png")
+    m1 = np.zeros((30, 40), bool)
+    m1[2:8, 3:10] = True
+    anns = [{"image_id": 1, "bbox": [3, 2, 7, 6], "category_id": 1, "segmentation": encode_rle(m1)},
+            {"image_id": 1, "bbox": [5, 5, 0, 10], "category_id": 1, "segmentation": encode_rle(m1)},  # zero width
+            {"image_id": 1, "bbox": [20, 10, 10, 10], "category_id": 1,
+             "segmentation": [[20, 10, 30, 10, 30, 20, 20, 20]]}]
+    return _coco([{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], anns), m1
+
+
+def test_masks_follow_their_kept_boxes_and_the_flip(tmp_path):
+    data, m1 = _masked(tmp_path)
+    ds = DetectionDataset(data, tmp_path, masks=True)
+    image, t = ds[0]
+    assert t["masks"].shape == (2, 30, 40) and t["masks"].dtype == torch.uint8
+    assert torch.equal(t["masks"][0].bool(), torch.from_numpy(m1))
+    square = t["masks"][1].bool()
+    assert square[12:19, 22:29].all() and not square[:, :19].any()  # the polygon, rasterised
+    _, flipped = ds[(0, True)]
+    assert torch.equal(flipped["masks"], t["masks"].flip(-1))
+    assert "masks" not in DetectionDataset(data, tmp_path)[0][1]  # a box detector: boxes only, masks kept in the file
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a[0].update(segmentation={"size": [31, 40], "counts": a[0]["segmentation"]["counts"]}),
+     "annotation 1 (image 1): its segmentation is RLE of size [31, 40]"),
+    (lambda a: a[0].update(segmentation={"size": [30, 40], "counts": "0zzz"}), "annotation 1 (image 1): its "
+     "segmentation is broken RLE counts"),
+    (lambda a: a[2].update(segmentation=[[20, 10, 30, 10]]), "annotation 3 (image 1): its segmentation is a polygon "
+     "with fewer than three points"),
+    (lambda a: a[2].update(image_id=99), "annotation 3 has a mask of image 99, which is not in the file's images"),
+])
+def test_bad_masks_name_the_annotation_and_train_nothing(tmp_path, change, message):
+    data, _ = _masked(tmp_path)
+    change(data["annotations"])
+    for masks in (True, False):  # a box detector refuses a broken mask file too
+        with pytest.raises(ValueError, match=re.escape(message)):
+            DetectionDataset(data, tmp_path, masks=masks)
+
+
+def test_a_mask_detector_on_a_box_file_says_what_gives_masks(tmp_path):
+    from pipeline.detection.data import MasksMissing
+
+    data, _ = _masked(tmp_path)
+    for a in data["annotations"]:
+        a.pop("segmentation")
+    with pytest.raises(MasksMissing, match="has no masks .* mine them"):
+        DetectionDataset(data, tmp_path, masks=True)
+    data, _ = _masked(tmp_path)
+    data["annotations"][2].pop("segmentation")
+    with pytest.raises(ValueError, match="annotation 3 has no mask"):
+        DetectionDataset(data, tmp_path, masks=True)

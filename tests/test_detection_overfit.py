@@ -71,3 +71,32 @@ def test_overfit_gt_boxes_vs_shuffled_boxes(voc07_mini, tmp_path):
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
     assert ap50 > 35.0, ap50
     assert ap50_shuffled < 20.0 and ap50 > 2.5 * ap50_shuffled, (ap50, ap50_shuffled)
+
+
+def test_the_mask_head_learns_the_masks_of_a_few_images(coco_tiny, tmp_path):
+    """mask_mobilenet_fpn on 3 COCO images' GT boxes and masks (as class-agnostic pseudo-masks): the mask loss
+    falls, and the trained detector predicts a mask (RLE at the image's size) with every box."""
+    import json
+
+    from pipeline.data import build_dataset
+    from pipeline.detection.trainer import train
+    from pipeline.masks import decode_rle
+
+    records = [r for r in build_dataset("coco", str(coco_tiny), max_images=6).records if r.has_masks][:3]
+    images = [{"id": r.coco_id, "file_name": r.path, "width": r.width, "height": r.height} for r in records]
+    anns = [{"image_id": r.coco_id, "bbox_xyxy": b, "segmentation": s}
+            for r in records for b, s, c in zip(r.boxes, r.segmentations, r.crowd) if s is not None and not c]
+    ds = DetectionDataset(coco_boxes_dataset(images, anns), image_root=None, masks=True)
+    model = build_detector("mask_mobilenet_fpn", 1, min_size=128, max_size=172, batch_size_per_image=64,
+                           rpn_topk=(600, 300, 300, 100), seed=0)
+    train(model, ds, out_dir=tmp_path, iterations=40, batch_size=2, lr=0.02, warmup_iters=5, steps=(35,),
+          checkpoint_period=10**6, log_period=1, seed=0, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    mask_losses = [line["loss_mask"] for line in log]
+    assert np.mean(mask_losses[-5:]) < 0.75 * np.mean(mask_losses[:5]), mask_losses
+    dets = predict(model, records, batch_size=2)
+    d = next(d for d in dets if len(d["scores"]))
+    assert len(d["masks"]) == len(d["scores"])
+    r = next(r for r in records if r.coco_id == d["image_id"])
+    assert decode_rle(d["masks"][0]).shape == (r.height, r.width)
+    assert "segmentation" in to_coco_results(dets)[0]

@@ -10,8 +10,13 @@ checks everything once at construction and keeps only what can be trained on:
   ``FILTER_EMPTY_ANNOTATIONS``); if nothing is left, a ``ValueError`` names the file;
 - category ids map to contiguous labels 1..K in ascending id order (``class_agnostic=True``: all 1).
 
+Masks (COCO ``segmentation``: RLE or polygons) are checked whenever a file has them (size, counts, polygons of
+at least three points, images that exist: a ``ValueError`` naming the annotation); with ``masks=True`` (a Mask
+R-CNN preset) every kept box must have one and samples carry ``"masks": (n, H, W) uint8``, kept as compressed
+RLE until a sample is read.
+
 Samples are ``(image float CHW in 0..1, {"boxes": (n, 4) float32 xyxy, "labels": (n,) int64,
-"image_id": int})``. The index may be ``(i, flip)``: the sampler decides the horizontal flip, so
+"image_id": int[, "masks"]})``. The index may be ``(i, flip)``: the sampler decides the horizontal flip, so
 augmentation is a pure function of the sampling seed (exact resume, worker-independent).
 :class:`InfiniteSampler` yields that stream.
 """
@@ -29,6 +34,7 @@ from pipeline.artifacts import read_coco_boxes
 from pipeline.boxes import clip_boxes, valid_boxes, xywh_to_xyxy
 from pipeline.data.images import decode_chw_float as load_image
 from pipeline.data.paths import resolve_image_path
+from pipeline.masks import decode_rle, segmentation_problem, to_rle
 
 STAT_KEYS = ("images_used", "boxes_used", "images_missing", "images_size_mismatch", "images_without_boxes",
              "boxes_degenerate", "boxes_clipped", "boxes_unknown_category", "boxes_on_unknown_images")
@@ -40,8 +46,9 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, coco: str | os.PathLike | dict, image_root: str | os.PathLike | None, *,
                  class_agnostic: bool = False, min_box_size: float = 1.0, what: str = "pseudo-box file",
-                 hint: str = MAKER_HINT):
-        """``hint``: what the user can do about a missing or empty file (the stage names its own keys)."""
+                 hint: str = MAKER_HINT, masks: bool = False):
+        """``hint``: what the user can do about a missing or empty file (the stage names its own keys);
+        ``masks``: train masks (every box needs one; :class:`MasksMissing` when the file has none)."""
         self.source = str(coco) if not isinstance(coco, dict) else "<in-memory COCO dataset>"
         data = coco if isinstance(coco, dict) else read_coco_boxes(coco, what, hint)
         if not data.get("images") or not data.get("annotations"):
@@ -54,6 +61,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         label_of = {c: (1 if class_agnostic else k + 1) for k, c in enumerate(cats)}
         self.stats: Counter = Counter(dict.fromkeys(STAT_KEYS, 0))
         self.missing_images: list[str] = []
+        self.masks = bool(masks)
+        check_masks(data, what, self.source, need=self.masks)
         by_image: dict[int, list[dict]] = {}
         for a in data["annotations"]:
             by_image.setdefault(int(a["image_id"]), []).append(a)
@@ -105,9 +114,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         if not keep.any():
             self.stats["images_without_boxes"] += 1
             return None
-        labels = np.array([label_of[int(a.get("category_id", 1))] for a, k in zip(known, ok) if k])[keep]
-        return {"image_id": int(img["id"]), "path": str(path), "width": w, "height": h,
-                "boxes": clipped[keep].astype(np.float32), "labels": labels.astype(np.int64)}
+        kept = [a for a, k in zip([a for a, k in zip(known, ok) if k], keep) if k]
+        entry = {"image_id": int(img["id"]), "path": str(path), "width": w, "height": h,
+                 "boxes": clipped[keep].astype(np.float32),
+                 "labels": np.array([label_of[int(a.get("category_id", 1))] for a in kept], dtype=np.int64)}
+        if self.masks:
+            entry["masks"] = [to_rle(a["segmentation"], h, w) for a in kept]
+        return entry
 
     @property
     def num_classes(self) -> int:
@@ -121,10 +134,48 @@ class DetectionDataset(torch.utils.data.Dataset):
         e = self.entries[int(i)]
         image = load_image(e["path"])
         boxes = torch.from_numpy(e["boxes"].copy())
+        target = {"labels": torch.from_numpy(e["labels"].copy()), "image_id": e["image_id"]}
+        if self.masks:
+            target["masks"] = torch.from_numpy(np.stack([decode_rle(m) for m in e["masks"]]).astype(np.uint8))
         if flip:
             image = image.flip(-1)
             boxes = torch.stack([e["width"] - boxes[:, 2], boxes[:, 1], e["width"] - boxes[:, 0], boxes[:, 3]], 1)
-        return image, {"boxes": boxes, "labels": torch.from_numpy(e["labels"].copy()), "image_id": e["image_id"]}
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, {"boxes": boxes, **target}
+
+
+class MasksMissing(ValueError):
+    """A mask detector was asked to train on a file without masks."""
+
+
+def check_masks(data: dict, what: str, source: str, *, need: bool) -> None:
+    """Every ``segmentation`` of the COCO dict ``data`` usable (:func:`pipeline.masks.segmentation_problem` at
+    its image's size, on an image of the file), else a ValueError naming the first bad annotation; with
+    ``need``, every annotation has one (:class:`MasksMissing` when none has)."""
+    sizes = {int(im["id"]): (im.get("height"), im.get("width")) for im in data["images"]}
+    with_masks = 0
+    for a in data["annotations"]:
+        seg = a.get("segmentation")
+        if seg is None or seg == []:
+            continue
+        with_masks += 1
+        if int(a["image_id"]) not in sizes:
+            raise ValueError(f"{what} {source}: annotation {a.get('id')} has a mask of image {a['image_id']}, which "
+                             "is not in the file's images; nothing is trained from it")
+        h, w = sizes[int(a["image_id"])]
+        problem = segmentation_problem(seg, int(h or 0), int(w or 0)) if h and w else None
+        if problem:
+            raise ValueError(f"{what} {source}: annotation {a.get('id')} (image {a['image_id']}): its segmentation "
+                             f"is {problem}; nothing is trained from it")
+    if need and not with_masks:
+        raise MasksMissing(f"{what} {source} has no masks (no annotation has a 'segmentation'): a mask detector "
+                           "trains on pseudo-masks; mine them (every miner writes masks since this version: a file "
+                           "mined before has none, mine it again) or use a box detector")
+    if need and with_masks < len(data["annotations"]):
+        missing = next(a.get("id") for a in data["annotations"] if a.get("segmentation") in (None, []))
+        raise ValueError(f"{what} {source}: annotation {missing} has no mask (segmentation) but others do: a mask "
+                         "detector needs the mask of every box; nothing is trained from it")
 
 
 def collate(batch):

@@ -3,7 +3,8 @@
 Images are given as :class:`pipeline.data.records.ImageRecord` objects (``coco_id``, ``path``) or
 COCO image dicts (``id``, ``file_name`` under ``image_root``). Detections are per-image dicts
 ``{"image_id": int, "boxes": (n, 4) float xyxy in original pixels, "scores": (n,), "labels": (n,)
-int (1..K)}``, scores descending as torchvision returns them. Scoring them (CorLoc, AP) is
+int (1..K)}``, scores descending as torchvision returns them; a mask detector adds ``"masks"``: one compressed
+RLE per box (its mask probability > 0.5 at the original size, as torchvision's Mask R-CNN pastes it). Scoring them (CorLoc, AP) is
 :mod:`pipeline.evaluation.detections`; the top-1 box per image is :func:`pipeline.evaluation.corloc.top1_boxes`.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.boxes import xyxy_to_xywh
 from pipeline.data.errors import ImageLoadError
 from pipeline.data.images import try_decode
 from pipeline.data.paths import resolve_image_path
+from pipeline.masks import encode_rle
 
 
 def image_list(images: Iterable, image_root: str | os.PathLike | None = None) -> list[tuple[int, str]]:
@@ -70,6 +72,8 @@ def predict(model: torch.nn.Module, images: Iterable, *, image_root: str | os.Pa
             out.append({"image_id": iid, "boxes": p["boxes"].float().cpu().numpy().astype(np.float64),
                         "scores": exact_scores(p["scores"]),
                         "labels": p["labels"].cpu().numpy().astype(np.int64)})
+            if "masks" in p:
+                out[-1]["masks"] = [encode_rle(m) for m in (p["masks"][:, 0] > 0.5).cpu().numpy()]
     return out
 
 
@@ -82,7 +86,8 @@ def exact_scores(scores: torch.Tensor) -> np.ndarray:
 
 
 def to_coco_results(detections: Sequence[dict], category_ids: Sequence[int] | None = None) -> list[dict]:
-    """COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
+    """COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, ``segmentation`` when the
+    detections have masks).
 
     ``category_ids[label - 1]`` is the category id written for label ``label`` (the dataset's
     ``category_ids``); None writes the label itself. Scores are written at full float precision (no
@@ -91,8 +96,11 @@ def to_coco_results(detections: Sequence[dict], category_ids: Sequence[int] | No
     """
     res = []
     for d in detections:
-        for box, score, label in zip(xyxy_to_xywh(d["boxes"]), d["scores"], d["labels"]):
+        masks = d.get("masks")
+        for i, (box, score, label) in enumerate(zip(xyxy_to_xywh(d["boxes"]), d["scores"], d["labels"])):
             cat = int(label) if category_ids is None else int(category_ids[int(label) - 1])
             res.append({"image_id": int(d["image_id"]), "category_id": cat,
                         "bbox": [round(float(v), 3) for v in box], "score": float(score)})
+            if masks is not None:
+                res[-1]["segmentation"] = masks[i]
     return res

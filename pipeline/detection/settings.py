@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, List, Optional, Sequence
 
-PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn")
+PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn", "mask_r50_fpn", "mask_mobilenet_fpn")
+MASK_PRESETS = ("mask_r50_fpn", "mask_mobilenet_fpn")  # Mask R-CNN: a mask head beside the box head
+RANDOM_ONLY = ("mobilenet_fpn", "mask_mobilenet_fpn")  # no DINO MobileNet exists
 INITS = ("random", "dino", "imagenet")
 
 
@@ -57,6 +59,11 @@ class DetectorSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def masks(self) -> bool:
+        """The detector predicts a mask with every box (a Mask R-CNN preset)."""
+        return self.preset in MASK_PRESETS
+
     def check(self) -> None:
         """Every value in its range (a ValueError naming the first parameter that is not), checked without
         building anything, so a bad setting is refused before a stage touches its results."""
@@ -65,10 +72,10 @@ class DetectorSettings:
             raise ValueError(f"unknown detector preset {preset!r}; choose one of {', '.join(PRESETS)}")
         if init not in INITS:
             raise ValueError(f"unknown detector init {init!r}; choose one of {', '.join(INITS)}")
-        if init != "random" and preset == "mobilenet_fpn":
-            raise ValueError(f"init {init} is not available for preset mobilenet_fpn, which supports only init "
-                             "random (no such MobileNet checkpoint); use preset r50_c4 or r50_fpn for pretrained "
-                             "weights")
+        if init != "random" and preset in RANDOM_ONLY:
+            raise ValueError(f"init {init} is not available for preset {preset}, which supports only init "
+                             "random (no such MobileNet checkpoint); use preset r50_c4, r50_fpn or mask_r50_fpn for "
+                             "pretrained weights")
         sizes = list(self.min_size) if isinstance(self.min_size, Sequence) else [self.min_size]
         positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1  # noqa: E731
         unit = lambda v: isinstance(v, (int, float)) and 0 <= v <= 1  # noqa: E731

@@ -24,13 +24,17 @@ def ap_mode(dataset_kind: str) -> str:
 
 
 def as_coco_results(detections: Sequence[dict]) -> list[dict]:
-    """Class-agnostic COCO results (``category_id`` 1, ``bbox`` xywh, ``score``) at full precision."""
+    """Class-agnostic COCO results (``category_id`` 1, ``bbox`` xywh, ``score``, and ``segmentation`` when the
+    detections have ``masks``: one RLE per box) at full precision."""
     res = []
     for d in detections:
         boxes = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 4)
-        for box, score in zip(xyxy_to_xywh(boxes), np.asarray(d["scores"], dtype=np.float64).reshape(-1)):
+        masks = d.get("masks")
+        for i, (box, score) in enumerate(zip(xyxy_to_xywh(boxes), np.asarray(d["scores"], dtype=np.float64).reshape(-1))):
             res.append({"image_id": int(d["image_id"]), "category_id": 1, "bbox": [float(v) for v in box],
                         "score": float(score)})
+            if masks is not None:
+                res[-1]["segmentation"] = masks[i]
     return res
 
 
@@ -42,7 +46,8 @@ def score_detections(detections: Sequence[dict], records: Sequence, *, mode: str
     "corloc_hits", "corloc_total", "AP50", "AP", "AP75"}`` (+ ``"num_gt"`` when some record has GT;
     the scores are None without GT). CorLoc: the top-scoring box of each image (none = a miss),
     :func:`pipeline.evaluation.corloc.corloc_top1`; AP: class-agnostic pycocotools AP in ``mode``
-    (:func:`pipeline.evaluation.coco_ap.evaluate_ap`).
+    (:func:`pipeline.evaluation.coco_ap.evaluate_ap`). Detections with ``masks`` on records with GT masks add
+    ``"mask": {"AP", "AP50", "AP75", "AR100"}`` (class-agnostic COCO mask AP, CutLER's protocol).
     """
     records = list(records)
     gt = [r for r in records if r.has_gt]
@@ -56,5 +61,9 @@ def score_detections(detections: Sequence[dict], records: Sequence, *, mode: str
         c = corloc_top1(mine, gt)
         ap = evaluate_ap(gt, as_coco_results(mine), mode=mode, class_agnostic=True, voc_difficult=voc_difficult)
         m.update(corloc=c.corloc, corloc_hits=c.hits, corloc_total=c.total, AP50=ap["AP50"], AP=ap["AP"],
-                 AP75=ap["AP75"], num_gt=ap["num_gt"])
+                 AP75=ap["AP75"], AR100=ap["AR100"], num_gt=ap["num_gt"])
+        if any(d.get("masks") is not None for d in mine) and any(r.has_masks for r in gt):
+            seg = evaluate_ap(gt, as_coco_results(mine), mode=mode, class_agnostic=True, voc_difficult=voc_difficult,
+                              iou_type="segm")
+            m["mask"] = {k: seg[k] for k in ("AP", "AP50", "AP75", "AR100")}
     return m
