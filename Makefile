@@ -17,11 +17,13 @@ DATA_ROOT ?= data
 
 # The variables this Makefile reads; anything else given on the command line that looks like a Hydra
 # override (a dotted name, a config group or a top-level config key) is refused: `make mine dataset=voc07`
-# would otherwise run on the default dataset.
+# would otherwise run on the default dataset. The keys conf/*.yaml does not set (their values are the
+# dataclasses' defaults: stages.config.PipelineConf) are listed here.
 MAKE_VARS := PYTHON ARGS NPROC FORCE DATA_ROOT PYTEST_ARGS
 HYDRA_KEYS := $(sort $(notdir $(patsubst %/,%,$(wildcard conf/*/))) \
                      $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\):.*/\1/p' conf/*.yaml 2>/dev/null) \
-                     dataset backbone miner detector schedule cluster paths experiment)
+                     dataset backbone miner detector schedule cluster paths experiment \
+                     device num_workers progress force seed mine train_cag eval viz report)
 CLI_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
 HYDRA_LIKE := $(foreach v,$(filter-out $(MAKE_VARS),$(CLI_VARS)),\
                 $(if $(or $(findstring .,$(v)),$(filter $(HYDRA_KEYS) +% ~%,$(v))),$(v)))

@@ -1,159 +1,83 @@
-"""Every configured value a stage uses, checked once right after Hydra composes the config.
-
-A bad value is one ``error:`` line naming its key (``miner.k_patches=0: must be a positive integer``) before
-the stage reads an image, builds a model or touches its results: ``FORCE=1`` with a typo never costs a
-finished run. The rules themselves live in the library, beside what they guard (``Miner.validate`` and
-``Miner.check_backbone``, ``Schedule.check``, ``builders.check_settings``, ``shard_indices``); this module only
-turns their parameter names into config keys. Inputs on disk (weights, boxes, images) are opened by the
-stages themselves, still before anything is replaced (``pipeline.artifacts.begin_replacement``).
+"""Every configured value a stage uses, checked once right after Hydra composes the config: a bad value is one
+``error:`` line naming its key (``miner.k_patches=0: ...``) before the stage reads an image, builds a model or
+touches its results (``FORCE=1`` with a typo never costs a finished run). The rules live in the library beside
+what they guard (the settings dataclasses' ``rules()``/``check()``, ``Schedule``, ``DetectorSettings``,
+``Miner.validate``/``check_backbone``); this module walks the sections a stage uses and turns parameter names
+into config keys. Inputs on disk are opened by the stages, still before anything is replaced.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# which sections each stage uses (every stage composes the whole tree: one ARGS serves a chain, and a stage
-# judges only the values it reads)
+from pipeline.run_settings import RunSettings
+
+# the sections each stage checks ("": the top level, its run settings): every stage composes the whole tree
+# (one ARGS serves a chain), and a stage judges only the values it reads; the pictures' settings always
 STAGE_CHECKS = {
-    "mine": ("device", "backbone", "miner", "mine"),
-    "cluster": ("device", "backbone", "cluster"),
-    "train_cag": ("device", "detector", "schedule", "eval"),
-    "train_cad": ("device", "detector", "schedule", "eval"),
-    "evaluate_cag": ("device", "eval"),
-    "evaluate_cad": ("device", "eval"),
+    "mine": ("", "backbone", "miner", "mine"),
+    "cluster": ("", "backbone", "cluster"),
+    "train_cag": ("", "detector", "schedule", "eval"),
+    "train_cad": ("", "detector", "schedule", "eval"),
+    "evaluate_cag": ("", "eval"),
+    "evaluate_cad": ("", "eval"),
 }
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def keyed(section: str, values: dict, message: str) -> str:
-    """The library's ``message`` led by the config key it is about: of ``values``' names, the one the message
-    mentions first as a word (the library names its parameters), else the section."""
-    message = re.sub(r"^\w+( \w+)?: ", "", message, count=1)  # "lost: ", "schedule smoke: " (the key says it)
-    found = [(m.start(), str(name)) for name in values
-             for m in [re.search(rf"\b{re.escape(str(name))}\b", message)] if m is not None]
-    if found:
-        name = min(found)[1]  # the parameter the message is about comes first
-        return f"{section}.{name}={_show(values[name])}: {message}"
-    return f"{section}: {message}"
+HINTS = {"backbone.arch": " (backbone=<name>, conf/backbone/)"}  # where the choices of a key are
 
 
 def _show(v: Any) -> str:
     return "null" if v is None else (str(v).lower() if isinstance(v, bool) else str(v))
 
 
-def _try(errors: list[str], section: str, values: dict, fn: Callable[[], Any]) -> None:
-    try:
-        fn()
-    except (ValueError, TypeError) as e:
-        errors.append(keyed(section, values, str(e)))
+def keyed(section: str, values: dict, message: str) -> str:
+    """One line of the library's ``message`` led by the config key it is about. A settings class says
+    ``param=value: why`` (other parameters in `backquotes`, None for null); another library message names its
+    parameter as a word (the first of ``values`` it mentions), else the line is led by the section."""
+    dot = f"{section}." if section else ""
+    own = re.match(r"(\w+)=.*?: (.*)", message)
+    if own and own[1] in values:
+        why = re.sub(r"`(\w+)`", lambda m: dot + m[1], re.sub(r"\bNone\b", "null", own[2]))
+        return f"{dot}{own[1]}={_show(values[own[1]])}: {why}{HINTS.get(dot + own[1], '')}"
+    message = re.sub(r"^\w+( \w+)?: ", "", message, count=1)  # "lost: ", "schedule smoke: " (the key says it)
+    found = [(m.start(), str(name)) for name in values
+             for m in [re.search(rf"\b{re.escape(str(name))}\b", message)] if m is not None]
+    if found:
+        name = min(found)[1]  # the parameter the message is about comes first
+        return f"{dot}{name}={_show(values[name])}: {message}"
+    return f"{section}: {message}"
 
 
-def _device(cfg: DictConfig, errors: list[str]) -> None:
-    name = str(cfg.device)
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        errors.append(f"device={name}: not a device; use device=auto, cpu, cuda or cuda:N")
+def _values(cfg: DictConfig, section: str) -> dict:
+    if not section:
+        return {f.name: cfg[f.name] for f in dataclasses.fields(RunSettings)}
+    return OmegaConf.to_container(cfg[section], resolve=True)
 
 
-def _backbone(cfg: DictConfig, errors: list[str]) -> None:
-    from pipeline.backbones.backbone import FEATURES
-    from pipeline.backbones.specs import ARCHS
-
-    b = cfg.backbone
-    if str(b.arch) not in ARCHS:
-        errors.append(f"backbone.arch={b.arch}: unknown; choose one of {', '.join(sorted(ARCHS))} "
-                      "(backbone=<name>, conf/backbone/)")
-    if str(b.feature) not in FEATURES:
-        errors.append(f"backbone.feature={b.feature}: unknown; choose one of {', '.join(FEATURES)}")
-    if str(b.init) not in ("pretrained", "random", "auto"):
-        errors.append(f"backbone.init={b.init}: choose pretrained, random or auto")
-    if str(b.precision) not in ("fp32", "bf16", "fp16"):
-        errors.append(f"backbone.precision={b.precision}: choose fp32, bf16 or fp16")
-
-
-def _miner(cfg: DictConfig, errors: list[str]) -> None:
+def _check(cfg: DictConfig, section: str, values: dict) -> None:
+    """The library's check of one section (the miner's against the backbone it runs on)."""
+    if section != "miner":
+        (OmegaConf.get_type(cfg[section]) if section else RunSettings)(**values).check()
+        return
     from pipeline.backbones.specs import ARCHS
     from pipeline.discovery import build_miner
 
-    params = _plain(cfg.miner)
-    spec = ARCHS.get(str(cfg.backbone.arch))
-    if spec is None:
-        return  # said by _backbone
-
-    def build() -> None:
-        build_miner(str(params.get("name")), spec.patch_size, **params).check_backbone(spec.num_heads)
-
-    _try(errors, "miner", params, build)
-
-
-def _mine(cfg: DictConfig, errors: list[str]) -> None:
-    from pipeline.mining import shard_indices
-
-    m = cfg.mine
-    if not int(m.num_shards) >= 1:
-        errors.append(f"mine.num_shards={m.num_shards}: must be >= 1")
-    elif not 0 <= int(m.shard) < int(m.num_shards):
-        errors.append(f"mine.shard={m.shard}: must be in [0, mine.num_shards) = [0, {int(m.num_shards) - 1}]")
-    else:
-        _try(errors, "mine", _plain(m), lambda: shard_indices(0, int(m.shard), int(m.num_shards)))
-    for key in ("batch_size", "procs"):
-        if m[key] is not None and int(m[key]) < 1:
-            errors.append(f"mine.{key}={m[key]}: must be >= 1 (or null for the default)")
-
-
-def _cluster(cfg: DictConfig, errors: list[str]) -> None:
-    c = cfg.cluster
-    if str(c.source) not in ("lost", "cag"):
-        errors.append(f"cluster.source={c.source}: choose lost (the mine stage's boxes) or cag (the class-agnostic "
-                      "detector's detections)")
-    for key in ("k", "n_init", "iters", "batch_size", "short_side"):
-        if int(c[key]) < 1:
-            errors.append(f"cluster.{key}={c[key]}: must be >= 1")
-    if c.max_size is not None and int(c.max_size) < int(c.short_side):
-        errors.append(f"cluster.max_size={c.max_size}: must be >= cluster.short_side ({c.short_side}) or null")
-    if not 0 <= float(c.score_threshold) <= 1:
-        errors.append(f"cluster.score_threshold={c.score_threshold}: must be in [0, 1]")
-
-
-def _detector(cfg: DictConfig, errors: list[str]) -> None:
-    from pipeline.detection.builders import check_settings
-
-    d = _plain(cfg.detector)
-    settings = {k: v for k, v in d.items() if k not in ("name", "preset", "weights")}
-    settings["norm"] = settings.get("norm") or "bn"
-    _try(errors, "detector", d, lambda: check_settings(str(d["preset"]), **settings))
-
-
-def _schedule(cfg: DictConfig, errors: list[str]) -> None:
-    from pipeline.detection.trainer import Schedule
-
-    s = _plain(cfg.schedule)
-    _try(errors, "schedule", s, lambda: Schedule.from_dict(s))
-
-
-def _eval(cfg: DictConfig, errors: list[str]) -> None:
-    if int(cfg.eval.batch_size) < 1:
-        errors.append(f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
-    if str(cfg.eval.voc_difficult) not in ("remove", "ignore"):
-        errors.append(f"eval.voc_difficult={cfg.eval.voc_difficult}: choose remove or ignore")
-
-
-_CHECKS = {"device": _device, "backbone": _backbone, "miner": _miner, "mine": _mine, "cluster": _cluster,
-           "detector": _detector, "schedule": _schedule, "eval": _eval}
+    spec = ARCHS.get(str(cfg.backbone.arch))  # an unknown arch is the backbone's error
+    if spec is not None:
+        build_miner(str(values["name"]), spec.patch_size, **values).check_backbone(spec.num_heads)
 
 
 def config_errors(cfg: DictConfig, stage: str) -> list[str]:
     """One message per value of the sections ``stage`` uses that is out of range (empty: all good)."""
     errors: list[str] = []
-    for section in STAGE_CHECKS.get(stage, ()):
-        _CHECKS[section](cfg, errors)
-    for key in ("num_images", "contact_sheet", "gallery_size", "thumb"):
-        if int(cfg.viz[key]) < 0:
-            errors.append(f"viz.{key}={cfg.viz[key]}: must be >= 0")
+    for section in (*STAGE_CHECKS.get(stage, ()), "viz"):
+        values = _values(cfg, section)
+        try:
+            _check(cfg, section, values)
+        except (ValueError, TypeError) as e:
+            errors += [keyed(section, values, line) for line in str(e).splitlines()]
     return errors
 
 

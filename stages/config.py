@@ -1,12 +1,8 @@
-"""The config schema: dataclasses registered in Hydra's ConfigStore, one per config group entry and one for
-the shared top level (``conf/pipeline.yaml``), so that every key is typed and a misspelled key is an error.
-
-The YAML files under ``conf/`` hold the values; each starts from its schema here (``defaults:
-[/schema/<group>@_here_]``). The schemas live in their own ``schema`` group, so they are never offered as a
-choice (``dataset=...`` lists datasets, not schemas).
-``stage_main`` is the entry point every stage uses instead of ``hydra.main``: before Hydra composes the
-config it checks the command-line keys and answers a misspelled one with a single ``error:`` line that
-names the nearest valid key (Hydra alone would say "Key 'k_patch' is not in struct").
+"""The config tree's types, registered in Hydra's ConfigStore (group ``schema``, so never offered as a choice):
+the library's settings dataclasses, where every default lives, and the few sections only a stage has. Every
+YAML file starts from its schema (``defaults: [/schema/<group>@_here_]``), so a misspelled key is an error.
+``stage_main`` is the entry point every stage uses instead of ``hydra.main``: it first answers a misspelled
+command-line key with one ``error:`` line naming the nearest valid key (Hydra: "Key 'k_patch' is not in struct").
 """
 from __future__ import annotations
 
@@ -20,70 +16,34 @@ from typing import Any, Callable, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.backbones.settings import BackboneSettings
 from pipeline.clustering.settings import ClusteringSettings
+from pipeline.data.settings import DatasetSettings
 from pipeline.detection.schedule import Schedule
 from pipeline.detection.settings import DetectorSettings
+from pipeline.discovery import MINERS
+from pipeline.evaluation.hungarian import IOU_THRESHOLDS
+from pipeline.evaluation.settings import EvalSettings
+from pipeline.mining_settings import MineSettings
+from pipeline.report.settings import ReportSettings
+from pipeline.run_settings import RunSettings
+from pipeline.viz.settings import VizSettings
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("paths", "dataset", "backbone", "miner", "detector", "schedule")
+# each miner's schema: its algorithm's keyword arguments and their defaults (``Miner.params_dataclass``)
+MINER_SCHEMAS = {name: miner.params_dataclass() for name, miner in MINERS.items()}
 
 
-# ---------------------------------------------------------------------------------------------- groups
 @dataclass
 class PathsConf:
+    """Where data, weights and outputs live (``conf/paths/default.yaml``: environment variables, else ./)."""
     data_root: str = MISSING
     weights_dir: str = MISSING
     output_root: str = MISSING
 
 
-@dataclass
-class DatasetConf:
-    name: str = MISSING
-    kind: str = MISSING
-    root: str = ""
-    image_set: Optional[str] = None
-    ann_file: Optional[str] = None
-    image_dir: Optional[str] = None
-    list_file: Optional[str] = None
-    max_images: Optional[int] = None
-    max_side: Optional[int] = None      # mining: shrink images whose longer side exceeds this (null: never)
-
-
-@dataclass
-class BackboneConf:
-    name: str = MISSING
-    arch: str = MISSING
-    init: str = "pretrained"
-    weights: Optional[str] = None
-    seed: int = 0
-    feature: str = "k"
-    precision: str = "fp32"          # fp32 (exact) | bf16 | fp16 (GPU autocast, opt-in)
-    force_precision: bool = False    # run bf16 on a CPU without bf16 units anyway (slow)
-    compile: bool = False            # torch.compile the blocks (agreement reported like bf16)
-
-
-def miner_schemas() -> dict[str, type]:
-    """Each miner's schema is generated from the library (its algorithm's keyword arguments and defaults:
-    ``Miner.params_dataclass``), never written here a second time."""
-    from pipeline.discovery import MINERS
-
-    return {name: miner.params_dataclass() for name, miner in MINERS.items()}
-
-
-MINER_SCHEMAS = miner_schemas()
-
-
-# ---------------------------------------------------------------------------------------------- sections
-@dataclass
-class MineConf:
-    shard: int = 0
-    num_shards: int = 1
-    batch_size: Optional[int] = None     # images per backbone batch; null: 1 on a CPU, 16 on a GPU
-    procs: Optional[int] = None          # CPU worker processes (one thread each); null: one per core
-    merge: bool = True
-    merge_only: bool = False
-
-
+# ---------------------------------------------------------------------------------------------- stage sections
 @dataclass
 class ClusterConf(ClusteringSettings):
     """The library's clustering settings (k, seed, restarts, crops...: ``pipeline.clustering.settings``) and
@@ -93,110 +53,87 @@ class ClusterConf(ClusteringSettings):
     score_threshold: float = 0.5          # source=cag: keep detections with score >= this
     run_name: str = "k${cluster.k}"       # output subdir; change it to keep runs that differ in more than K
 
+    def rules(self) -> list[tuple[str, bool, str]]:
+        return [("source", self.source in ("lost", "cag"), "choose lost (the mine stage's boxes) or cag (the "
+                 "class-agnostic detector's detections)"), *super().rules(),
+                ("score_threshold", 0 <= self.score_threshold <= 1, "must be in [0, 1]")]
+
 
 @dataclass
 class TrainConf:
     """What both detector-training stages take (their inputs differ: see the two below)."""
-    image_root: Optional[str] = None
-    min_box_size: float = 1.0
-    resume: bool = False
-    stop_after: Optional[int] = None
+    image_root: Optional[str] = None      # where the boxes' file_names live; null: its info.image_root, else its dir
+    min_box_size: float = 1.0             # boxes narrower/shorter than this (px) are dropped and counted
+    resume: bool = False                  # true: continue from model.pt exactly where it stopped (same config)
+    stop_after: Optional[int] = None      # stop (checkpointed) after this many iterations, as if killed (tests)
 
 
 @dataclass
 class TrainCagConf(TrainConf):
-    boxes: Optional[str] = None
+    boxes: Optional[str] = None           # a COCO json to train on instead of ${inputs.pseudo_boxes}
 
 
 @dataclass
 class TrainCadConf(TrainConf):
-    cluster_run: str = MISSING
-    labels: Optional[str] = None
-
-
-@dataclass
-class EvalConf:
-    enabled: bool = True
-    batch_size: int = 2
-    voc_difficult: str = "remove"
+    cluster_run: str = MISSING            # which cluster run: <source>/<run_name> under the chain's cluster dir
+    labels: Optional[str] = None          # a COCO json (category = cluster) instead of ${inputs.pseudo_labels}
 
 
 @dataclass
 class EvaluateCagConf:
-    model: str = MISSING
-    name: str = MISSING
+    model: str = MISSING                  # a train-cag (or train-cad: scored class-agnostic) checkpoint
+    name: str = MISSING                   # output subdir of the cag dir
 
 
 @dataclass
 class EvaluateCadConf:
-    model: str = MISSING
-    detections: Optional[str] = None
-    gt: Optional[str] = None
+    model: str = MISSING                  # the train-cad detector (used when detections=null)
+    detections: Optional[str] = None      # a COCO results json; null: run the model on the evaluated images first
+    gt: Optional[str] = None              # a COCO instances json (images not needed); null: the dataset's GT
+    # K: clusters 1..K (or 0..K-1: detected from the ids) even without detections; null: the labels present
     num_clusters: Optional[int] = None
-    voc_difficult: str = "ignore"
-    gt_crowd_is_difficult: bool = False
-    iou_thresholds: List[float] = field(default_factory=list)
+    voc_difficult: str = "ignore"         # difficult GT objects: ignore (VOC devkit: neither hit nor miss) | remove
+    gt_crowd_is_difficult: bool = False   # gt: treat iscrowd=1 boxes as difficult (VOC converted to COCO marks them so)
+    iou_thresholds: List[float] = field(default_factory=lambda: list(IOU_THRESHOLDS))
 
 
 @dataclass
-class VizConf:
-    num_images: int = 12
-    contact_sheet: int = 12
-    min_score: float = 0.3
-    gallery_size: int = 16
-    thumb: int = 96
-
-
-@dataclass
-class ReportConf:
-    max_pictures: int = 12
-    worst: int = 4
-
-
-@dataclass
-class PipelineConf:
-    """The shared top level (conf/pipeline.yaml); every stage composes all of it, so one ARGS serves a chain."""
+class _Groups:
     paths: Any = MISSING
     dataset: Any = MISSING
     backbone: Any = MISSING
     miner: Any = MISSING
     detector: Any = MISSING
     schedule: Any = MISSING
-    device: str = "auto"
-    num_workers: int = 2
-    progress: bool = True
-    force: bool = False
-    seed: int = 0
-    mine: MineConf = field(default_factory=MineConf)
+
+
+@dataclass
+class PipelineConf(RunSettings, _Groups):
+    """The shared top level (conf/pipeline.yaml); every stage composes all of it, so one ARGS serves a chain.
+    Its fields: the groups, the run settings (``device``...), then the sections (dataclass fields are
+    collected from the last base first)."""
+    mine: MineSettings = field(default_factory=MineSettings)
     cluster: ClusterConf = field(default_factory=ClusterConf)
     train_cag: TrainCagConf = field(default_factory=TrainCagConf)
     train_cad: TrainCadConf = field(default_factory=TrainCadConf)
     evaluate_cag: EvaluateCagConf = field(default_factory=EvaluateCagConf)
     evaluate_cad: EvaluateCadConf = field(default_factory=EvaluateCadConf)
-    eval: EvalConf = field(default_factory=EvalConf)
-    viz: VizConf = field(default_factory=VizConf)
-    report: ReportConf = field(default_factory=ReportConf)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    viz: VizSettings = field(default_factory=VizSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
     base_dir: str = MISSING
     dirs: Any = MISSING
     inputs: Any = MISSING
-    stage_dir: Optional[str] = None
+    stage_dir: Optional[str] = None       # set by each stage's config: the directory it writes
 
 
 def chain_dir(stage: str, miner: str, feature: str = "k") -> str:
-    """The directory name of a stage of a chain (``mine``, ``cag``, ``cluster``, ``cad``): the stage's name
-    for LOST on keys (the paper's setting), else ``<stage>_<miner>`` and ``_<feature>`` for a feature other
-    than keys (``mine_tokencut``, ``cag_tokencut``, ``cluster_tokencut``, ``cad_lost_q`` is ``cad_q``). So
-    settings that change the boxes never share (and overwrite) a folder, and every stage downstream of a
-    mine folder has its own: a TokenCut and a LOST chain of one dataset write separate detectors and
-    clusters. The only place that decides it (``${dirs.*}`` in conf/pipeline.yaml)."""
+    """The folder of a stage of a chain (``mine``, ``cag``, ``cluster``, ``cad``): the stage's name for LOST on
+    keys (the paper's setting), else ``<stage>_<miner>``, plus ``_<feature>`` for a feature other than keys
+    (``mine_tokencut``; LOST on q: ``cad_q``), so two chains of a dataset never share (overwrite) a folder.
+    The only place that decides it (``${dirs.*}`` in conf/pipeline.yaml)."""
     name = stage if miner == "lost" else f"{stage}_{miner}"
     return name if feature == "k" else f"{name}_{feature}"
-
-
-def mine_dir(miner: str, feature: str = "k") -> str:
-    """The mine stage's directory name (:func:`chain_dir` of ``mine``): ``mine`` for LOST on keys, else
-    ``mine_<miner>[_<feature>]``."""
-    return chain_dir("mine", miner, feature)
 
 
 def eval_dir_of(detections: str | None, default: str) -> str:
@@ -208,20 +145,18 @@ def eval_dir_of(detections: str | None, default: str) -> str:
     return str(p.parent / f"eval_{p.stem}")
 
 
-_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetConf, "backbone": BackboneConf, "detector": DetectorSettings,
-                  "schedule": Schedule}
+_GROUP_SCHEMAS = {"paths": PathsConf, "dataset": DatasetSettings, "backbone": BackboneSettings,
+                  "detector": DetectorSettings, "schedule": Schedule}
 
 
 def register() -> None:
-    """Put the schemas into Hydra's ConfigStore and the ``chain_dir``/``mine_dir`` resolvers into OmegaConf
+    """Put the schemas into Hydra's ConfigStore and the ``chain_dir``/``eval_dir_of`` resolvers into OmegaConf
     (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="pipeline_schema", node=PipelineConf)
-    for group, node in _GROUP_SCHEMAS.items():
-        cs.store(group="schema", name=group, node=node)
-    for name, node in MINER_SCHEMAS.items():
-        cs.store(group="schema", name=f"miner_{name}", node=node)
-    for name, fn in (("chain_dir", chain_dir), ("mine_dir", mine_dir), ("eval_dir_of", eval_dir_of)):
+    for name, node in [*_GROUP_SCHEMAS.items(), *((f"miner_{m}", n) for m, n in MINER_SCHEMAS.items())]:
+        cs.store(group="schema", name=name, node=node)
+    for name, fn in (("chain_dir", chain_dir), ("eval_dir_of", eval_dir_of)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -244,26 +179,12 @@ def _plain_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]
     for ov, raw in zip(parsed, cand):
         key = ov.key_or_group
         if key.startswith("hydra") or ov.is_delete() or ov.is_add() or ov.package:
-            if ov.is_add() and "experiment" in key:
-                groups.append(raw.split(",")[0])
-            continue
-        value = raw.split("=", 1)[1]
-        if key in GROUPS or "/" in key:
-            groups.append(f"{key}={value.split(',')[0]}")
+            groups += [raw.split(",")[0]] if ov.is_add() and "experiment" in key else []
+        elif key in GROUPS or "/" in key:
+            groups.append(f"{key}={raw.split('=', 1)[1].split(',')[0]}")
         else:
             keys.append((key, raw))
     return groups, keys
-
-
-def nearest_key(cfg: DictConfig, dotted: str) -> str | None:
-    """The valid key closest to a misspelled ``dotted`` key (same parent), or None."""
-    parent, _, leaf = dotted.rpartition(".")
-    node = OmegaConf.select(cfg, parent) if parent else cfg
-    if not isinstance(node, DictConfig):
-        return None
-    keys = [str(k) for k in node.keys()]
-    match = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.5)
-    return f"{parent + '.' if parent else ''}{match[0]}" if match else None
 
 
 def schema_has(key: str, groups: list[str]) -> bool:
@@ -274,24 +195,21 @@ def schema_has(key: str, groups: list[str]) -> bool:
     if head == "miner":
         if any("experiment" in g for g in groups):  # an experiment may choose the miner
             return False
-        obj = MINER_SCHEMAS.get(next((g.split("=", 1)[1] for g in groups if g.startswith("miner=")), "lost"))
-    elif head in _GROUP_SCHEMAS:
-        obj = _GROUP_SCHEMAS[head]
+        schema = MINER_SCHEMAS.get(next((g.split("=", 1)[1] for g in groups if g.startswith("miner=")), "lost"))
     else:
-        obj, rest = PipelineConf, key
-    if obj is None or not rest:
-        return False
-    obj = obj()
-    for part in rest.split("."):
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+        schema, rest = (_GROUP_SCHEMAS[head], rest) if head in _GROUP_SCHEMAS else (PipelineConf, key)
+    for part in rest.split("."):  # a section's schema is its field's default_factory
+        found = [f for f in dataclasses.fields(schema) if f.name == part] if dataclasses.is_dataclass(schema) else []
+        if not found:
             return False
-        obj = getattr(obj, part)
+        schema = found[0].default_factory
     return True
 
 
 def unknown_keys(config_name: str, args: list[str]) -> list[str]:
-    """One message per command-line key that the composed config does not have. Composing costs about a
-    third of a second (Hydra composes twice more itself), so keys the schemas vouch for skip it."""
+    """One message per command-line key that the composed config does not have, naming the nearest valid key
+    (same parent). Composing costs about a third of a second (Hydra composes twice more itself), so keys the
+    schemas vouch for skip it."""
     from hydra import compose, initialize_config_dir
 
     groups, keys = _plain_overrides(args)
@@ -304,35 +222,16 @@ def unknown_keys(config_name: str, args: list[str]) -> list[str]:
         return []
     out = []
     for key, raw in keys:
-        parent = key.rpartition(".")[0]
+        parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        if parent and not isinstance(node, DictConfig):
+        if not isinstance(node, DictConfig):
             out.append(f"unknown config key {key!r} in {raw!r}: {parent!r} is not a section")
-            continue
-        if isinstance(node, DictConfig) and key.rpartition(".")[2] in node:
-            continue
-        near = nearest_key(cfg, key)
-        hint = f"did you mean {near!r}?" if near else f"valid keys of {parent or 'the top level'}: " + \
-            ", ".join(str(k) for k in (node.keys() if isinstance(node, DictConfig) else []))
-        out.append(f"unknown config key {key!r} in {raw!r}; {hint} (`+{raw}` adds a new key on purpose)")
+        elif leaf not in node:
+            near = difflib.get_close_matches(leaf, [str(k) for k in node], n=1, cutoff=0.5)
+            hint = f"did you mean {(parent + '.' if parent else '') + near[0]!r}?" if near else \
+                f"valid keys of {parent or 'the top level'}: {', '.join(str(k) for k in node)}"
+            out.append(f"unknown config key {key!r} in {raw!r}; {hint} (`+{raw}` adds a new key on purpose)")
     return out
-
-
-def _printing(args: list[str]) -> bool:
-    """Only printing the config (``--cfg``/``--info``): nothing runs or is submitted."""
-    return any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in args)
-
-
-def launcher_errors(args: list[str]) -> list[str]:
-    """``hydra/launcher=slurm*`` submits with SLURM's ``sbatch``: without it (and not just printing the config
-    with ``--cfg``/``--info``) say so in one line instead of submitit's traceback."""
-    import shutil
-
-    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
-    if launcher and launcher.startswith("slurm") and not _printing(args) and shutil.which("sbatch") is None:
-        return [f"hydra/launcher={launcher} submits jobs with SLURM, but this machine has no `sbatch`: run the "
-                "command on a SLURM login node, or use hydra/launcher=local (local processes) or no launcher"]
-    return []
 
 
 def choice_errors(args: list[str]) -> list[str]:
@@ -348,14 +247,31 @@ def choice_errors(args: list[str]) -> list[str]:
     return out
 
 
-def multirun_errors(args: list[str]) -> list[str]:
-    """A launcher (``hydra/launcher=slurm``, ``local``...) acts only on a multirun: without ``-m`` Hydra runs the
-    job here, silently. Refuse that instead."""
-    launcher = next((a.split("=", 1)[1] for a in args if a.startswith(("hydra/launcher=", "+hydra/launcher="))), None)
-    if launcher and not any(a in ("-m", "--multirun") for a in args) and not _printing(args):
-        return [f"hydra/launcher={launcher} takes effect only with -m (--multirun): without it the job would run "
-                "here, on this machine. Add -m (make ... ARGS=\"-m hydra/launcher=...\")"]
-    return []
+def launcher_errors(args: list[str]) -> list[str]:
+    """A launcher (``hydra/launcher=slurm``, ``local``...) acts only on a multirun: without ``-m`` Hydra would run
+    the job here, silently; ``slurm*`` submits with SLURM's ``sbatch``: without it, one line instead of
+    submitit's traceback. Only printing the config (``--cfg``/``--info``) runs and submits nothing."""
+    import shutil
+
+    if any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in args):
+        return []
+    value = lambda *p: next((a.split("=", 1)[1] for a in args if a.startswith(p)), None)  # noqa: E731
+    launcher, slurm, out = value("hydra/launcher=", "+hydra/launcher="), value("hydra/launcher="), []
+    if launcher and not any(a in ("-m", "--multirun") for a in args):
+        out.append(f"hydra/launcher={launcher} takes effect only with -m (--multirun): without it the job would "
+                   "run here, on this machine. Add -m (make ... ARGS=\"-m hydra/launcher=...\")")
+    if slurm and slurm.startswith("slurm") and shutil.which("sbatch") is None:
+        out.append(f"hydra/launcher={slurm} submits jobs with SLURM, but this machine has no `sbatch`: run the "
+                   "command on a SLURM login node, or use hydra/launcher=local (local processes) or no launcher")
+    return out
+
+
+def _refuse(errors: list[str]) -> None:
+    """Each error as one ``error:`` line on stderr, then exit 2 (nothing ran)."""
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def stage_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
@@ -371,23 +287,14 @@ def stage_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
         def checked(cfg: DictConfig) -> Any:
             from stages.checks import config_errors
 
-            errors = config_errors(cfg, config_name)
-            if errors:
-                for e in errors:
-                    print(f"error: {e}", file=sys.stderr, flush=True)
-                raise SystemExit(2)
+            _refuse(config_errors(cfg, config_name))
             return fn(cfg)
 
         hydra_fn = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(checked)
 
         def main() -> None:
             args = sys.argv[1:]
-            errors = choice_errors(args) or unknown_keys(config_name, args)
-            errors += multirun_errors(args) + launcher_errors(args)
-            if errors:
-                for e in errors:
-                    print(f"error: {e}", file=sys.stderr)
-                raise SystemExit(2)
+            _refuse((choice_errors(args) or unknown_keys(config_name, args)) + launcher_errors(args))
             hydra_fn()
 
         main.__doc__ = fn.__doc__

@@ -32,6 +32,17 @@ def test_hydra_overrides_as_make_variables_are_refused(args, shown):
     assert "stages.mine" not in p.stdout
 
 
+def test_every_top_level_config_key_is_refused():
+    """The Makefile lists the top-level keys that no YAML file sets (their values are the dataclasses' defaults)."""
+    import dataclasses
+
+    from stages.config import PipelineConf
+
+    for f in dataclasses.fields(PipelineConf):
+        p = make_n("mine", f"{f.name}=1")
+        assert p.returncode != 0 and f"{f.name}=1 is not a make variable" in p.stderr, f.name
+
+
 def test_args_and_other_variables_pass():
     p = make_n("mine", "ARGS=dataset=voc07 backbone=dino_vits16", "V=1")
     assert p.returncode == 0, p.stderr
