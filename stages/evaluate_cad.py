@@ -17,9 +17,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_json, write_json, write_text
+from pipeline.detection.evaluate import cached_detections, evaluate_clusters
+from pipeline.evaluation.detections import ap_mode
+from stages.common import StageError, build_dataset_from_cfg, run_guarded, to_container
 from stages.config import stage_main
-from stages.common import StageError, Timer, build_dataset_from_cfg, resolve_device, run_guarded, to_container
+
+_HINT = "Run `make train-cad` first, or pass evaluate_cad.detections=<COCO results json>."
 
 
 def load_gt(cfg: DictConfig):
@@ -37,90 +40,20 @@ def load_gt(cfg: DictConfig):
     return ds.records, ds.class_names, f"{cfg.dataset.name}:{cfg.dataset.get('image_set')}"
 
 
-def _images_key(records) -> str:
-    from pipeline.artifacts import sha256_json
-
-    return sha256_json(sorted((int(r.coco_id), str(Path(r.path).resolve())) for r in records))
-
-
-def detections_file(cfg: DictConfig, records, gt_desc: str, stage_dir: Path) -> tuple[Path, dict | None]:
-    """The detections to evaluate, and (when the train-cad model produced them) its inference record."""
-    from pipeline.artifacts import sha256_file
-
-    if cfg.evaluate_cad.detections:
-        return Path(str(cfg.evaluate_cad.detections)), None
-    det_path, side_path, model_path = stage_dir / "detections.json", stage_dir / "inference.json", Path(str(cfg.evaluate_cad.model))
-    if not model_path.is_file():
-        if det_path.is_file():
-            return det_path, None
-        raise FileNotFoundError(f"no detections to evaluate: neither {det_path} nor the class-aware detector "
-                                f"{model_path} exists. Run `make train-cad` first, or pass evaluate_cad.detections=<COCO results json>.")
-    side = {"model": str(model_path), "model_sha256": sha256_file(model_path), "images_key": _images_key(records)}
-    prev = read_json(side_path, "inference record") if side_path.is_file() else {}
-    if det_path.is_file() and all(prev.get(k) == v for k, v in side.items() if k != "model"):
-        print(f"evaluate-cad: reusing {det_path} (made by the same {model_path} on the same images)", flush=True)
-        return det_path, prev
-    from pipeline.detection.checkpoint import load_detector
-    from pipeline.evaluation.detections import ap_mode
-    from pipeline.provenance import random_init as is_random
-    from stages.detector_common import detect_score_draw, warn_if_random
-
-    model, spec, meta = load_detector(model_path, hint="Rerun `make train-cad`.")
-    iteration = meta["iteration"]
-    random_init = is_random(spec=spec, provenance=meta["provenance"])
-    warn_if_random(spec, model_path, random_init, "pseudo-labels")
-    cats = list(spec.category_ids)
-    print(f"evaluate-cad: running {model_path} (iteration {iteration}) on {len(records)} images of {gt_desc}", flush=True)
-    ev = detect_score_draw(model, records, stage_dir, category_ids=cats,
-                           mode="coco" if cfg.evaluate_cad.gt else ap_mode(cfg.dataset.kind),
-                           device=resolve_device(str(cfg.device)), batch_size=int(cfg.eval.batch_size),
-                           progress=bool(cfg.progress), random_init=random_init)
-    names = list(spec.category_names or [])
-    side.update({"iteration": iteration, "category_ids": cats, "gt": gt_desc,
-                 "category_names": {str(c): n for c, n in zip(cats, names)},
-                 "random_init": random_init, "class_agnostic": ev})
-    write_json(side_path, side)
-    return det_path, side
-
-
 def run(cfg: DictConfig) -> dict:
-    from pipeline.artifacts import write_manifest
-    from pipeline.evaluation.hungarian import hungarian_evaluate, to_markdown
-
-    timer = Timer()
-    stage_dir = Path(cfg.stage_dir)
+    start, e, stage_dir = time.time(), cfg.evaluate_cad, Path(cfg.stage_dir)
     records, class_names, gt_desc = load_gt(cfg)
-    det_path, inferred = detections_file(cfg, records, gt_desc, stage_dir)
-    dets = read_json(det_path, "detections file", hint="Run `make train-cad` first, or pass "
-                     "evaluate_cad.detections=<COCO results json>.")
-    if not isinstance(dets, list):
-        raise StageError(f"{det_path}: expected a COCO results list [{{image_id, category_id, bbox, score}}, ...]")
-    e = cfg.evaluate_cad
-    k = e.num_clusters
-    names = {int(c): n for c, n in ((inferred or {}).get("category_names") or {}).items()}
-    try:
-        res = hungarian_evaluate(dets, records, class_names,
-                                 cluster_ids=None if k is not None else (inferred or {}).get("category_ids"),
-                                 num_clusters=None if k is None else int(k), category_names=names or None,
-                                 voc_difficult=str(e.voc_difficult), crowd_is_difficult=bool(e.gt_crowd_is_difficult),
-                                 iou_thresholds=list(e.iou_thresholds))
-    except ValueError as e:
-        raise StageError(f"{det_path}: {e}") from None
-    res.update({"detections": str(det_path), "gt": gt_desc})
-    if inferred is not None:
-        res["inference"] = inferred
-    write_json(stage_dir / "metrics.json", res)
-    table = to_markdown(res, names or None)
-    write_text(stage_dir / "hungarian.md", f"# Hungarian evaluation\n\nDetections: `{det_path}`  \nGT: `{gt_desc}`"
-               f"\n\n{table}")
-    inputs = {"detections": det_path, **({"model": Path(inferred["model"])} if inferred else {})}
-    write_manifest(stage_dir, stage="evaluate_cad", config=to_container(cfg), inputs=inputs,
-                   start_time=timer.start, end_time=time.time())
-    made = "detections.json, inference.json, " if inferred else ""
-    tag = "\n[RANDOM WEIGHTS: smoke test, not a result]" if (inferred or {}).get("random_init") else ""
-    print(table + f"\nmatching (class -> cluster): {res['matching']}{tag}\nartifacts: {stage_dir}/ ({made}metrics.json, "
-          "hungarian.md, manifest.json)", flush=True)
-    return res
+    if e.detections:
+        det_path, inferred = Path(str(e.detections)), None
+    else:  # the train-cad model's detections, made when missing or of another model or image list
+        det_path, inferred = cached_detections(
+            stage_dir, Path(str(e.model)), records, gt_desc, mode="coco" if e.gt else ap_mode(cfg.dataset.kind),
+            batch_size=int(cfg.eval.batch_size), device=str(cfg.device), progress=bool(cfg.progress), hint=_HINT,
+            model_hint="Rerun `make train-cad`.")
+    k = None if e.num_clusters is None else int(e.num_clusters)
+    return evaluate_clusters(det_path, inferred, records, class_names, gt_desc, stage_dir, config=to_container(cfg),
+                             start=start, hint=_HINT, num_clusters=k, voc_difficult=str(e.voc_difficult),
+                             crowd_is_difficult=bool(e.gt_crowd_is_difficult), iou_thresholds=list(e.iou_thresholds))
 
 
 @stage_main("evaluate_cad")

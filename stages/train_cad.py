@@ -5,7 +5,7 @@
     torchrun --standalone --nproc_per_node=4 -m stages.train_cad dataset=voc07   # DDP (make train-cad NPROC=4)
 
 Reads ``${inputs.pseudo_labels}`` (default ``cluster/${train_cad.cluster_run}/pseudo_labels.json``) or
-``train_cad.labels``. Same trainer, artifacts and rerun rules as train-cag (stages/train_common.py), in
+``train_cad.labels``. Same trainer, artifacts and rerun rules as train-cag (pipeline/detection/run.py), in
 ``${stage_dir}`` (``cad/``): detections.json holds the training images' detections with ``category_id`` =
 the cluster category ids of pseudo_labels.json (what ``make evaluate-cad`` matches to classes).
 """
@@ -28,7 +28,7 @@ ARTIFACT_KEYS = ("dataset", "backbone", "detector", "schedule", "seed", "train_c
 def run(cfg: DictConfig) -> dict | None:
     c = cfg.train_cad
     path = Path(str(c.labels)) if c.get("labels") else Path(str(cfg.inputs.pseudo_labels))
-    return run_training(cfg, stage="train_cad", section="train_cad", in_path=path, what="pseudo-label file",
+    return run_training(cfg, section="train_cad", in_path=path, input_name="pseudo_labels", what="pseudo-label file",
                         hint="Run `make cluster` (python -m stages.cluster) first, pick its run with "
                              "train_cad.cluster_run=<source>/k<K>, or set train_cad.labels=<COCO json>.",
                         producer="" if c.get("labels") else " (written by `make cluster`)",

@@ -11,7 +11,7 @@ json; images under ``train_cag.image_root``, else its ``info.image_root``, else 
 ``image_id`` = the json's image ids; what ``cluster.source=cag`` reads), metrics.json (training summary,
 dropped boxes/images, LOST+CAD top-1 CorLoc and class-agnostic AP50/AP against the dataset's GT), viz/,
 manifest.json. Under torchrun every process trains (the global batch is split); only rank 0 evaluates and
-writes. Reruns (stages/train_common.py): the same config and input is "up to date" (nothing done); a change
+writes. Reruns (pipeline/detection/run.py): the same config and input is "up to date" (nothing done); a change
 of eval/viz/progress/num_workers/device only redoes inference, scores and pictures on the existing model.pt;
 a change of what decides the weights over an existing model.pt is an error naming the changed keys
 (force=true, make FORCE=1, retrains).
@@ -35,7 +35,7 @@ ARTIFACT_KEYS = ("dataset", "backbone", "miner", "detector", "schedule", "seed",
 def run(cfg: DictConfig) -> dict | None:
     c = cfg.train_cag
     path = Path(str(c.boxes)) if c.get("boxes") else Path(str(cfg.inputs.pseudo_boxes))
-    return run_training(cfg, stage="train_cag", section="train_cag", in_path=path, what="pseudo-box file",
+    return run_training(cfg, section="train_cag", in_path=path, input_name="pseudo_boxes", what="pseudo-box file",
                         hint="Run `make mine` (python -m stages.mine) with the same dataset/backbone first, or "
                              "set train_cag.boxes=<COCO json>.",
                         producer="" if c.get("boxes") else " (written by `make mine`)",

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__", "common", "config", "train_common",
-                                                                 "detector_common", "locations"}
+                                                                 "locations"}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -10,6 +10,9 @@
 - ``checkpoint``: ``DetectorSpec`` (what the detector is), ``Checkpointer`` (model.pt, atomic, RNG states),
   ``load_detector(path) -> (model, spec, meta)``.
 - ``inference.predict`` / ``to_coco_results`` (pictures of detections: ``pipeline.viz.detections``).
+- The stages' jobs: ``run.train_detector`` (train-cag, train-cad), ``evaluate`` (evaluate-cag, evaluate-cad's
+  detections and matching), ``report.detect_score_draw`` (a trained detector on records: detections, scores,
+  pictures).
 Scoring detections (top-1 box, LOST+CAD CorLoc, AP) lives in ``pipeline.evaluation`` (``corloc``,
 ``detections``, ``coco_ap``), which does not depend on this package.
 
