@@ -15,6 +15,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.detection.data import MasksMissing
 from pipeline.detection.run import DeviceTooSmall, Hints, TrainParams, train_detector
 from pipeline.detection.schedule import Schedule
 from pipeline.detection.settings import DetectorSettings
@@ -68,3 +69,7 @@ def run_training(cfg: DictConfig, *, section: str, in_path: Path, input_name: st
         raise CheckpointRefused(str(e) + _REFUSED_HINTS[e.kind].format(section=section), kind=e.kind) from None
     except DeviceTooSmall as e:
         raise DeviceTooSmall(f"{e}{_MEMORY_HINT}") from None
+    except MasksMissing as e:
+        given = f"{section}.{'boxes' if section == 'train_cag' else 'labels'}"
+        raise StageError(f"detector={cfg.detector.name}: {e}: mine again (make mine FORCE=1, any miner), give a file "
+                         f"with masks ({given}=...), or train boxes only (detector=r50_fpn, mobilenet_fpn)") from None

@@ -239,3 +239,19 @@ def test_gallery_png_grid(two_colour_images, tmp_path):
     assert tuple(img[18 + 2 + 16, 2 + 16]) == (255, 0, 0)
     paths = write_cluster_galleries({0: [crops[1]], 1: [crops[3], crops[2]]}, tmp_path / "gal", sizes={0: 1, 1: 2})
     assert [p.name for p in paths] == ["cluster_0.png", "cluster_1.png"] and all(p.is_file() for p in paths)
+
+
+def test_gallery_crops_show_their_masks_and_survive_bad_ones():
+    from pipeline.clustering.run import _with_masks
+    from pipeline.masks import encode_rle
+
+    mask = np.zeros((20, 30), bool)
+    mask[5:15, 10:15] = True                       # the left half of the box [10, 5, 20, 15]
+    crop = np.full((10, 10, 3), 100, np.uint8)
+    coco = {"images": [{"id": 1, "width": 30, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 5, 10, 10], "segmentation": encode_rle(mask)},
+                            {"id": 2, "image_id": 1, "bbox": [10, 5, 10, 10],
+                             "segmentation": {"size": [5, 5], "counts": "broken"}}]}
+    out = _with_masks(coco, {1: crop, 2: crop})
+    assert (out[1][:, :5] != 100).any() and (out[1][:, 5:] == 100).all()   # tinted inside the mask only
+    assert out[2] is crop                                                    # a bad mask: the crop as it is

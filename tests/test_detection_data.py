@@ -171,7 +171,7 @@ def test_a_mask_detector_on_a_box_file_says_what_gives_masks(tmp_path):
     data, _ = _masked(tmp_path)
     for a in data["annotations"]:
         a.pop("segmentation")
-    with pytest.raises(MasksMissing, match="has no masks .* mine them"):
+    with pytest.raises(MasksMissing, match="has no masks .* every miner writes"):
         DetectionDataset(data, tmp_path, masks=True)
     data, _ = _masked(tmp_path)
     data["annotations"][2].pop("segmentation")

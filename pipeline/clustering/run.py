@@ -32,11 +32,33 @@ def write_galleries(coco: dict, root: Path, index: Sequence, labels: np.ndarray,
     for (ann_id, _), lab in zip(index, labels):
         if len(firsts.setdefault(int(lab), [])) < n:
             firsts[int(lab)].append(int(ann_id))
-    crops = load_box_crops(coco, root, [a for ids in firsts.values() for a in ids])
+    crops = _with_masks(coco, load_box_crops(coco, root, [a for ids in firsts.values() for a in ids]))
     shutil.rmtree(out_dir, ignore_errors=True)
     sizes = {k: int((labels == k).sum()) for k in firsts}
     write_cluster_galleries({k: [crops[a] for a in ids if a in crops] for k, ids in firsts.items()}, out_dir,
                             sizes=sizes, n=n, thumb=thumb, note=note)
+
+
+def _with_masks(coco: dict, crops: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Each crop with its object's mask (the annotation's ``segmentation``) tinted over it, when it has one that
+    fits its image; other crops as they are."""
+    from pipeline.boxes import xywh_to_xyxy
+    from pipeline.clustering.crops import box_pixel_bounds
+    from pipeline.masks import decode_rle, segmentation_problem, to_rle
+    from pipeline.viz.masks import tint_masks
+
+    images = {int(im["id"]): im for im in coco.get("images", [])}
+    out = dict(crops)
+    for a in coco.get("annotations", []):
+        crop, seg, im = crops.get(int(a["id"])), a.get("segmentation"), images.get(int(a["image_id"]))
+        if crop is None or not seg or im is None or segmentation_problem(seg, im["height"], im["width"]):
+            continue
+        mask = decode_rle(to_rle(seg, im["height"], im["width"]))
+        x1, y1, x2, y2 = box_pixel_bounds(xywh_to_xyxy([a["bbox"]])[0], mask.shape[1], mask.shape[0])
+        tinted = np.asarray(crop, dtype=np.float32).copy()
+        if tint_masks(tinted, [mask[y1:y2, x1:x2]], outline=1) == 0:
+            out[int(a["id"])] = np.clip(tinted, 0, 255).astype(np.uint8)
+    return out
 
 
 def cluster_boxes(coco: dict, root: Path, feats: BoxFeatures, settings: ClusteringSettings, out_dir: Path, *,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.artifacts import read_coco_boxes
+from pipeline.artifacts import ArtifactError, read_coco_boxes
 from pipeline.boxes import clip_boxes, valid_boxes, xywh_to_xyxy
 from pipeline.data.images import decode_chw_float as load_image
 from pipeline.data.paths import resolve_image_path
@@ -145,8 +145,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         return image, {"boxes": boxes, **target}
 
 
-class MasksMissing(ValueError):
-    """A mask detector was asked to train on a file without masks."""
+class MasksMissing(ArtifactError):
+    """A mask detector was asked to train on a file without masks (the caller says which settings give them)."""
 
 
 def check_masks(data: dict, what: str, source: str, *, need: bool) -> None:
@@ -170,8 +170,8 @@ def check_masks(data: dict, what: str, source: str, *, need: bool) -> None:
                              f"is {problem}; nothing is trained from it")
     if need and not with_masks:
         raise MasksMissing(f"{what} {source} has no masks (no annotation has a 'segmentation'): a mask detector "
-                           "trains on pseudo-masks; mine them (every miner writes masks since this version: a file "
-                           "mined before has none, mine it again) or use a box detector")
+                           "trains on pseudo-masks, which every miner writes (a file mined before masks existed has "
+                           "none)")
     if need and with_masks < len(data["annotations"]):
         missing = next(a.get("id") for a in data["annotations"] if a.get("segmentation") in (None, []))
         raise ValueError(f"{what} {source}: annotation {missing} has no mask (segmentation) but others do: a mask "

@@ -79,4 +79,8 @@ def format_eval(ev: dict, random_init: bool) -> list[str]:
     if ev.get("AP50") is not None:
         lines.append(f"class-agnostic AP50 {ev['AP50']:.2f}, AP {ev['AP']:.2f} ({ev['ap_mode']} style, "
                      f"{ev['gt_images']} images with GT){tag}")
+    if ev.get("mask"):
+        m = ev["mask"]
+        lines.append(f"class-agnostic mask AP50 {m['AP50']:.2f}, AP {m['AP']:.2f}, AP75 {m['AP75']:.2f}, "
+                     f"AR100 {m['AR100']:.2f}{tag}")
     return lines

@@ -209,7 +209,7 @@ def training_data(job: Job) -> tuple[DetectionDataset, tuple]:
     root = p.image_root(job.coco)
     try:
         dataset = DetectionDataset(p.in_path, root, class_agnostic=p.class_agnostic, min_box_size=p.min_box_size,
-                                   what=p.what, hint=p.hint)
+                                   what=p.what, hint=p.hint, masks=p.settings.masks)
     except ValueError as e:  # empty file, nothing trainable: one clear line, exit 2
         raise ArtifactError(str(e)) from None
     if not (p.evaluation.enabled and job.rank == 0):

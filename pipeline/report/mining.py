@@ -49,7 +49,8 @@ def mining(b: "Builder", d: Path) -> dict:
            "published_corloc": published_corloc(method, backbone, dataset_name), "random_init": random_init,
            "is_result": not random_init, "full_set": bool(full and n_images == full), "full_set_images": full,
            "failed_images": summary.failed_images, "failures": metrics.get("failures", 0),
-           "seconds": summary.seconds, "pictures": [], "worst": [], "score_hist": None}
+           "seconds": summary.seconds, "pictures": [], "worst": [], "score_hist": None,
+           "box_ap": metrics.get("box_ap"), "mask_ap": metrics.get("mask")}
     if coco:
         scores = [a.get("score") for a in coco["annotations"] if a.get("score") is not None]
         slug = _slug(stage)

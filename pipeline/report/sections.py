@@ -47,7 +47,7 @@ def training(b: "Builder", kind: str, title: str, chain: "Chain | None" = None) 
            "iterations": metrics.get("iterations"),
            "final_loss": metrics.get("final_loss"), "detector": metrics.get("detector"),
            "num_classes": metrics.get("num_classes"), "corloc": ev.get("corloc"), "AP50": ev.get("AP50"),
-           "AP": ev.get("AP"), "AP75": ev.get("AP75"), "eval_images": ev.get("images"),
+           "AP": ev.get("AP"), "AP75": ev.get("AP75"), "mask": ev.get("mask"), "eval_images": ev.get("images"),
            "random_init": random_init, "is_result": not random_init, "curves": None, "pictures": [],
            "log_rows": len(rows), "evaluations": []}
     if rows:
@@ -62,7 +62,8 @@ def training(b: "Builder", kind: str, title: str, chain: "Chain | None" = None) 
             mm = m.get("eval", m)
             out["evaluations"].append({"name": e.name, "status": b.status.get(f"{stage}/{e.name}"),
                                        "corloc": mm.get("corloc"), "AP50": mm.get("AP50"),
-                                       "AP": mm.get("AP"), "images": mm.get("images"), "random_init": rnd})
+                                       "AP": mm.get("AP"), "mask": mm.get("mask"), "images": mm.get("images"),
+                                       "random_init": rnd})
     return out
 
 
