@@ -86,7 +86,7 @@ def test_voc_chain(tmp_path, voc07_mini, miner, detector, n):
     assert res["evaluate_cad"]["mean"]["AP50"] is not None
 
 
-@pytest.mark.parametrize("miner, detector, n", [("dinoseg", "r50_fpn", 2), ("tokencut", "mobilenet_fpn", 4)])
+@pytest.mark.parametrize("miner, detector, n", [("dinoseg", "r50_fpn", 2), ("tokencut", "mask_mobilenet_fpn", 4)])
 def test_coco_chain(tmp_path, coco_tiny, miner, detector, n):
     data = [f"paths.output_root={tmp_path}", "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=4",
             f"miner={miner}", f"detector={detector}", *(R50 if n == 2 else [])]
@@ -94,9 +94,13 @@ def test_coco_chain(tmp_path, coco_tiny, miner, detector, n):
     base = tmp_path / "coco" / "dino_vits16"
     _check_pictures(base, f"mine_{miner}", n)
     assert res["mine"]["images"] == n and res["cag"]["eval"]["images"] == n
+    assert set(res["mine"]["mask"]) == {"AP", "AP50", "AP75", "AR100"}   # the pseudo-masks scored (GT masks)
+    if detector.startswith("mask_"):  # the mask head trained on the pseudo-masks, scored on both detectors
+        assert set(res["cag"]["eval"]["mask"]) == set(res["cad"]["eval"]["mask"]) == {"AP", "AP50", "AP75", "AR100"}
+        assert "mask" in (base / "report" / "index.html").read_text()
 
 
-@pytest.mark.parametrize("miner, detector", [("maskcut", "mobilenet_fpn"), ("tokencut", "mobilenet_fpn")])
+@pytest.mark.parametrize("miner, detector", [("maskcut", "mask_mobilenet_fpn"), ("tokencut", "mobilenet_fpn")])
 def test_odd_folder_chain(tmp_path, capsys, miner, detector):
     """Every odd image is mined or listed as failed; no detector runs on the failed ones; every picture is drawn."""
     src = odd_folder(tmp_path / "odd")

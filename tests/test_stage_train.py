@@ -281,6 +281,27 @@ def test_empty_or_missing_pseudo_box_file_exits_2_with_one_line(tmp_path):
         assert lines[-1].startswith("error: ") and str(path) in lines[-1] and words in lines[-1]
 
 
+def test_mask_detector_on_boxes_without_masks_is_one_error_line(trained, voc07_mini, tmp_path, capsys):
+    """A box file (no segmentation) with a mask preset: one line naming the preset, the file and what gives masks;
+    nothing is written."""
+    from stages.common import run_guarded
+    from stages.train_cag import run
+
+    recs = _records(voc07_mini)
+    images = [{"id": r.coco_id, "file_name": r.path, "width": r.width, "height": r.height} for r in recs]
+    path = tmp_path / "boxes.json"
+    write_json(path, coco_boxes_dataset(images, [{"image_id": r.coco_id, "bbox_xyxy": [float(v) for v in r.boxes[0]]}
+                                                 for r in recs]))
+    cfg = compose_cfg("train_cag", [*trained["data"], *DET, "detector=mask_mobilenet_fpn", f"train_cag.boxes={path}",
+                                    f"stage_dir={tmp_path / 'cag'}"])
+    with pytest.raises(SystemExit) as e:
+        run_guarded(run, cfg)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("error: detector=mask_mobilenet_fpn: ") and str(path) in err
+    assert "has no masks" in err and "make mine FORCE=1" in err and "train_cag.boxes=" in err
+    assert not (tmp_path / "cag" / "model.pt").exists()
+
+
 def test_dino_init_without_weights_file_is_a_clear_error(trained, tmp_path, capsys):
     from stages.common import run_guarded
     from stages.train_cag import run
