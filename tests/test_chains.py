@@ -98,6 +98,7 @@ def test_coco_chain(tmp_path, coco_tiny, miner, detector, n):
     if detector.startswith("mask_"):  # the mask head trained on the pseudo-masks, scored on both detectors
         assert set(res["cag"]["eval"]["mask"]) == set(res["cad"]["eval"]["mask"]) == {"AP", "AP50", "AP75", "AR100"}
         assert "mask" in (base / "report" / "index.html").read_text()
+        assert {"mask_AP50", "mask_AP"} <= set(res["evaluate_cad"]["mean"])   # per class, of the matched cluster
 
 
 @pytest.mark.parametrize("miner, detector", [("maskcut", "mask_mobilenet_fpn"), ("tokencut", "mobilenet_fpn")])

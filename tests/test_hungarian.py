@@ -232,3 +232,28 @@ def test_coco_gt_file_difficult_choices(tmp_path):
         ap[str(mark)] = [hungarian_evaluate(res, recs, ["cat"], voc_difficult=m, **kw)["per_class"]["cat"]["AP50"]
                          for m in ("ignore", "remove")]
     assert ap["{'difficult': 1}"] == ap["{'iscrowd': 1}"] == [pytest.approx(100), pytest.approx(50)]
+
+
+def test_matched_mask_ap_by_hand():
+    """Class a found exactly by cluster 1's mask; class b by cluster 2's mask of IoU 5/8: a hit at IoU 0.50,
+    0.55, 0.60 only, so mask AP 30 and mask AP50 100 for b."""
+    from pipeline.data.records import ImageRecord
+    from pipeline.evaluation.matched_masks import matched_mask_ap
+    from pipeline.masks import encode_rle
+
+    def rect(y0, y1, x0, x1):
+        m = np.zeros((40, 40), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    a, b, b_det = rect(0, 10, 0, 10), rect(20, 36, 20, 30), rect(20, 30, 20, 30)
+    rec = ImageRecord("1", 1, "x.png", width=40, height=40, boxes=[[0, 0, 10, 10], [20, 20, 30, 36]],
+                      classes=["a", "b"], segmentations=[encode_rle(a), encode_rle(b)])
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9, "segmentation": encode_rle(a)},
+            {"image_id": 1, "category_id": 2, "bbox": [20, 20, 10, 10], "score": 0.8,
+             "segmentation": encode_rle(b_det)}]
+    got = matched_mask_ap(dets, [rec], {"a": 1, "b": 2})
+    assert got["a"] == {"mask_AP50": pytest.approx(100.0), "mask_AP": pytest.approx(100.0)}
+    assert got["b"] == {"mask_AP50": pytest.approx(100.0), "mask_AP": pytest.approx(30.0)}
+    swapped = matched_mask_ap(dets, [rec], {"a": 2, "b": 1})
+    assert swapped["a"]["mask_AP"] == 0.0 and swapped["b"]["mask_AP"] == 0.0

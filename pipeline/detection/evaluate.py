@@ -109,6 +109,14 @@ def evaluate_clusters(det_path: Path, inferred: dict | None, records: Sequence, 
     except ValueError as e:
         raise ArtifactError(f"{det_path}: {e}") from None
     res.update({"detections": str(det_path), "gt": gt_desc})
+    if any("segmentation" in d for d in dets) and any(r.has_masks for r in records):
+        from pipeline.evaluation.matched_masks import matched_mask_ap
+
+        masks = matched_mask_ap(dets, records, res["matching"])
+        for name, m in masks.items():
+            res["per_class"][name].update(m)
+        res["mean"].update({k: sum(m[k] for m in masks.values()) / len(res["per_class"])
+                            for k in ("mask_AP50", "mask_AP")} if masks else {})
     if inferred is not None:
         res["inference"] = inferred
     write_json(out_dir / "metrics.json", res)
