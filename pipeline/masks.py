@@ -19,18 +19,70 @@ def patch_mask_to_pixels(mask: np.ndarray, patch_size: int, seen_size: Sequence[
                          original_size: Sequence[int] | None = None) -> np.ndarray:
     """(H0, W0) bool pixel mask of an (h, w) bool patch mask: patch blocks on the (H, W) ``seen_size`` image
     (cells past the grid are False, blocks past the image clipped), resized to ``original_size`` (H0, W0) by
-    nearest neighbour (pixel centres) when it differs."""
+    nearest neighbour (pixel centres) when it differs (:func:`resize_mask`)."""
     mask = np.asarray(mask, dtype=bool)
     p, (H, W) = int(patch_size), (int(seen_size[0]), int(seen_size[1]))
     blocks = np.repeat(np.repeat(mask, p, axis=0), p, axis=1)[:H, :W]
     pixels = np.zeros((H, W), dtype=bool)
     pixels[:blocks.shape[0], :blocks.shape[1]] = blocks
-    if original_size is None or (int(original_size[0]), int(original_size[1])) == (H, W):
-        return pixels
-    H0, W0 = int(original_size[0]), int(original_size[1])
+    return pixels if original_size is None else resize_mask(pixels, original_size)
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """An (H, W) bool mask at ``size`` (H0, W0) by nearest neighbour at pixel centres (itself when equal)."""
+    H, W = mask.shape
+    H0, W0 = int(size[0]), int(size[1])
+    if (H0, W0) == (H, W):
+        return mask
     rows = np.minimum(((np.arange(H0) + 0.5) * H / H0).astype(np.int64), H - 1)
     cols = np.minimum(((np.arange(W0) + 0.5) * W / W0).astype(np.int64), W - 1)
-    return pixels[rows][:, cols]
+    return mask[rows][:, cols]
+
+
+# ------------------------------------------------------------------------------------------ CRF refinement
+CRF_PACKAGE = "pydensecrf2"
+CRF_MIN_IOU = 0.5  # CutLER's rule: a mask whose IoU with its refined self is below this is dropped
+
+
+def crf_available() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def crf_refine(image: np.ndarray, mask: np.ndarray, *, iterations: int = 10, fg_prob: float = 0.9,
+               pos_xy: float = 3.0, pos_w: float = 3.0, bi_xy: float = 50.0, bi_rgb: float = 5.0,
+               bi_w: float = 10.0) -> np.ndarray:
+    """A fully connected CRF (Krähenbühl & Koltun 2011, :data:`CRF_PACKAGE`) on ``image`` ((H, W, 3) uint8 RGB)
+    started from ``mask`` ((H, W) bool; a pixel is object with probability ``fg_prob`` inside it, ``1 - fg_prob``
+    outside): a smoothness kernel (``pos_xy`` px, weight ``pos_w``) and an appearance kernel (``bi_xy`` px,
+    ``bi_rgb`` colour levels, weight ``bi_w``), ``iterations`` of mean-field inference; the refined (H, W) bool
+    mask. The values are common dense-CRF settings, not read from CutLER's (non-commercial) code."""
+    import pydensecrf.densecrf as dcrf
+
+    H, W = mask.shape
+    p = np.where(np.asarray(mask, dtype=bool), fg_prob, 1.0 - fg_prob).astype(np.float32)
+    probs = np.stack([1.0 - p, p]).reshape(2, -1)
+    crf = dcrf.DenseCRF2D(W, H, 2)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(probs), dtype=np.float32))
+    crf.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
+    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=bi_w)
+    q = np.asarray(crf.inference(int(iterations))).reshape(2, H, W)
+    return q[1] > q[0]
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def refine_or_drop(image: np.ndarray, mask: np.ndarray, refine=None) -> np.ndarray | None:
+    """``refine(image, mask)`` (default :func:`crf_refine`), or None (drop the object) when its IoU with ``mask`` is
+    below :data:`CRF_MIN_IOU`."""
+    refined = (refine or crf_refine)(image, mask)
+    return refined if mask_iou(refined, mask) >= CRF_MIN_IOU else None
 
 
 def encode_rle(mask: np.ndarray) -> dict:

@@ -264,7 +264,7 @@ def mine_images(dataset: Dataset, backbone, miner, indices: Sequence[int], sinks
         for item in items:
             result = found.get(item["index"])
             row = make_row(item["record"], item["size"], result, item["error"], item["original_size"],
-                           patch_size=backbone.patch_size)
+                           patch_size=backbone.patch_size, image=item["image"] if miner.crf else None)
             for sink in sinks:
                 sink.process(item["index"], item["record"], result, row, item["size"])
             stats.images += 1
@@ -278,14 +278,16 @@ def mine_images(dataset: Dataset, backbone, miner, indices: Sequence[int], sinks
 
 
 def make_row(rec: ImageRecord, size, result, error: str | None, original_size=None, *,
-             patch_size: int | None = None) -> dict:
+             patch_size: int | None = None, image=None) -> dict:
     """The journal row of one image: its boxes in rank order with their scores (none when it failed), in the
     pixels of the original image (``size`` is what the miner saw, ``original_size`` the decoded image), and
     with ``patch_size`` each box's object mask as compressed RLE of the original image
-    (:func:`pipeline.masks.patch_mask_to_pixels`)."""
+    (:func:`pipeline.masks.patch_mask_to_pixels`). With ``image`` (the network input the miner saw) each mask is
+    refined by a dense CRF on it first, and an object whose refined mask moved too far is dropped
+    (:func:`pipeline.masks.refine_or_drop`; counted in ``crf_dropped``)."""
     from pipeline.data.loader import box_to_original
     from pipeline.discovery import boxes_of
-    from pipeline.masks import encode_rle, patch_mask_to_pixels
+    from pipeline.masks import encode_rle, patch_mask_to_pixels, resize_mask
 
     original_size = original_size or size
     h, w = original_size if original_size is not None else (rec.height, rec.width)
@@ -293,15 +295,31 @@ def make_row(rec: ImageRecord, size, result, error: str | None, original_size=No
            "error": error, "boxes": [], "scores": [], "seed": None}
     if result is not None:
         mined = boxes_of(result)
+        pixels = [patch_mask_to_pixels(b.mask, patch_size, size) for b in mined] \
+            if patch_size and all(b.mask is not None for b in mined) else None
+        if pixels is not None and image is not None:
+            mined, pixels, row["crf_dropped"] = _crf(mined, pixels, image, size)
         resized = tuple(original_size) != tuple(size)
         row["boxes"] = [[float(v) for v in box_to_original(b.box, size, original_size)] if resized else list(b.box)
                         for b in mined]
         row["scores"] = [b.score for b in mined]
         seed = getattr(result, "seed", None)
         row["seed"] = None if seed is None else int(seed)
-        if patch_size and all(b.mask is not None for b in mined):
-            row["masks"] = [encode_rle(patch_mask_to_pixels(b.mask, patch_size, size, (h, w))) for b in mined]
+        if pixels is not None:
+            row["masks"] = [encode_rle(resize_mask(m, (h, w))) for m in pixels]
     return row
+
+
+def _crf(mined: list, pixels: list, image, size) -> tuple[list, list, int]:
+    """The objects whose CRF-refined mask (on the de-normalised network input) is kept, their refined masks, and
+    how many were dropped."""
+    from pipeline.data.preprocess import unnormalize_image
+    from pipeline.masks import refine_or_drop
+
+    rgb = unnormalize_image(image, size)
+    refined = [refine_or_drop(rgb, m) for m in pixels]
+    kept = [i for i, m in enumerate(refined) if m is not None]
+    return [mined[i] for i in kept], [refined[i] for i in kept], len(mined) - len(kept)
 
 
 def first_boxes(rows: Sequence[dict]) -> dict[str, np.ndarray | None]:
@@ -331,6 +349,8 @@ def mining_metrics(rows: Sequence[dict], dataset: Dataset, info: dict) -> dict:
         metrics.update(corloc=res.corloc, corloc_hits=res.hits, corloc_total=res.total)
         if any(len(r["boxes"]) > 1 for r in rows):
             metrics["multi_box"] = multi_box_scores(all_boxes(rows), dataset.records).as_dict()
+    if any("crf_dropped" in r for r in rows):  # objects whose CRF-refined mask moved too far (miner crf)
+        metrics["crf_dropped"] = sum(int(r.get("crf_dropped", 0)) for r in rows)
     if dataset.has_masks and any(r.get("masks") for r in rows):
         metrics.update(pseudo_mask_scores(rows, dataset.records))
     return metrics

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.artifacts import ArtifactError, read_json, recover_replacement, remove_stale_temps, replacement_dir
 from pipeline.data.paths import records_root
 from pipeline.journal import canonical_json
-from pipeline.discovery import build_miner
+from pipeline.discovery import Miner, build_miner
 from pipeline.mining import MiningRun, format_mining_summary, mine_images, mining_info, shard_indices
 from pipeline.mining_sinks import Pictures, Progress, Timing
 from pipeline.parallel import mine_in_processes, mining_processes
@@ -29,7 +29,7 @@ OUTPUTS = ("pseudo_boxes.json", "metrics.json")
 def _info(cfg: DictConfig, backbone, root: str) -> dict:
     """``mining_info`` (as the journal's meta reads back) with the ``init`` the backbone was built with in its
     config (``backbone.init=auto`` that found the weights is a plain ``make mine`` of the same model)."""
-    miner = to_container(cfg.miner)
+    miner = Miner.recorded(to_container(cfg.miner))
     config = {"dataset": dataset_identity(cfg), "backbone": {**to_container(cfg.backbone), "init": backbone.init},
               "miner": miner}
     return canonical_json(mining_info(str(cfg.miner.name), miner, backbone, feature=str(cfg.backbone.feature),
@@ -110,7 +110,7 @@ def _produced(cfg: DictConfig, info: dict, dataset, metrics: dict, made: list[st
 def _run(cfg: DictConfig, info: dict, produce, redraw=None, force: bool = False, complete: bool = True):
     """``run_stage`` with mining's artifact (what decides the boxes; the image list is per image) and report."""
     artifact = {"dataset": dataset_identity(cfg), "backbone": info["config"]["backbone"],
-                "miner": to_container(cfg.miner), "num_shards": int(cfg.mine.num_shards)}
+                "miner": Miner.recorded(to_container(cfg.miner)), "num_shards": int(cfg.mine.num_shards)}
     return run_stage(cfg, stage="mine", artifact=artifact, outputs=OUTPUTS, complete=complete,
                      report={"viz": {"num_images": int(cfg.viz.num_images),
                                      "contact_sheet": int(cfg.viz.contact_sheet)}},

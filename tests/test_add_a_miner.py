@@ -65,7 +65,7 @@ def test_a_new_miner_runs_through_the_mine_stage_by_the_recipe(tmp_path, centre_
     args = [f"paths.output_root={tmp_path}", "dataset=folder", f"dataset.root={src}", "miner=centre",
             "backbone.init=random", "num_workers=0", "progress=false", "mine.procs=1"]
     cfg = compose_cfg("mine", args)
-    assert dict(cfg.miner) == {"name": "centre", "fraction": 0.5} and config_errors(cfg, "mine") == []
+    assert dict(cfg.miner) == {"name": "centre", "fraction": 0.5, "crf": False} and config_errors(cfg, "mine") == []
     assert config_errors(compose_cfg("mine", [*args, "miner.fraction=2"]), "mine") == [
         "miner.fraction=2.0: fraction must be in (0, 1], got 2.0"]
     m = run(cfg)

@@ -201,3 +201,65 @@ def test_compressed_rle_text_is_read_as_pycocotools_writes_it():
         runs = _string_runs(encode_rle(m)["counts"])
         flat = np.concatenate([np.full(n, k % 2, bool) for k, n in enumerate(runs)])
         assert np.array_equal(flat, m.ravel(order="F"))
+
+
+# ------------------------------------------------------------------------------------------------- CRF
+def test_crf_keeps_a_refined_mask_close_to_the_cut_and_drops_one_that_moved():
+    from pipeline.masks import refine_or_drop
+
+    mask = np.zeros((10, 10), bool)
+    mask[:, :5] = True                                   # 50 px
+    near = mask.copy()
+    near[:, 5] = True                                    # IoU 50/60
+    far = np.zeros((10, 10), bool)
+    far[:, 3:9] = True                                   # IoU 20/90
+    assert refine_or_drop(None, mask, refine=lambda _img, _m: near) is near
+    assert refine_or_drop(None, mask, refine=lambda _img, _m: far) is None
+
+
+def test_a_row_drops_the_objects_the_crf_rejects(monkeypatch):
+    import pipeline.masks as masks
+
+    h, w, p = 6, 8, 4
+    result = tokencut(_features(h, w), (h, w), p, (h * p, w * p), max_boxes=2)
+    assert len(boxes_of(result)) == 2
+    calls = []
+
+    def fake(image, mask):                               # the first object kept as is, the second moved away
+        calls.append(image.shape)
+        return mask if len(calls) == 1 else ~mask
+
+    monkeypatch.setattr(masks, "crf_refine", fake)
+    rec = ImageRecord("x", 1, "x.png", has_gt=False)
+    image = torch.zeros(3, h * p, w * p)
+    row = make_row(rec, (h * p, w * p), result, None, patch_size=p, image=image)
+    assert calls == [(h * p, w * p, 3)] * 2                # the de-normalised network input, per object
+    assert len(row["boxes"]) == len(row["masks"]) == 1 and row["crf_dropped"] == 1
+    assert row["boxes"][0] == list(boxes_of(result)[0].box)
+
+
+def test_crf_without_its_package_is_one_config_error(monkeypatch):
+    import pipeline.discovery.miners as miners
+    from stage_utils import compose_cfg
+    from stages.checks import config_errors
+
+    monkeypatch.setattr(miners, "crf_available", lambda: False)
+    errors = config_errors(compose_cfg("mine", ["miner=maskcut", "miner.crf=true"]), "mine")
+    assert len(errors) == 1 and errors[0].startswith("miner.crf=true: ") and "pip install pydensecrf2" in errors[0]
+
+
+@pytest.mark.skipif(not __import__("pipeline.masks", fromlist=["x"]).crf_available(),
+                    reason="pydensecrf2 is not installed (optional: pip install pydensecrf2)")
+def test_the_dense_crf_snaps_a_blocky_mask_to_the_colour_edge():
+    from pipeline.masks import crf_refine
+
+    image = np.zeros((48, 48, 3), np.uint8)
+    image[:, :20] = (220, 40, 40)                        # the object: the red left part
+    image[:, 20:] = (40, 40, 220)
+    truth = np.zeros((48, 48), bool)
+    truth[:, :20] = True
+    blocky = np.zeros((48, 48), bool)
+    blocky[:, :24] = True                                # a patch-16-ish mask, 4 px too wide
+    refined = crf_refine(image, blocky)
+    iou = lambda a, b: (a & b).sum() / (a | b).sum()     # noqa: E731
+    assert iou(refined, truth) > iou(blocky, truth) and iou(refined, truth) > 0.95

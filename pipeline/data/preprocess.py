@@ -31,3 +31,11 @@ def preprocess_image(img: np.ndarray, patch_size: int) -> tuple[torch.Tensor, tu
     out = torch.zeros((3, hp, wp), dtype=torch.float32)
     out[:, :h, :w] = t
     return out, (h, w)
+
+
+def unnormalize_image(t: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image behind a :func:`preprocess_image` tensor (padding cut off, rounded)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    rgb = (t[:, :size[0], :size[1]].detach().float().cpu() * std + mean).mul(255).round().clamp(0, 255)
+    return rgb.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()

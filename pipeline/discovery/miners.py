@@ -24,6 +24,7 @@ from pipeline.discovery.dinoseg import dinoseg
 from pipeline.discovery.lost import check_positive_int, lost
 from pipeline.discovery.maskcut import maskcut
 from pipeline.discovery.tokencut import tokencut
+from pipeline.masks import CRF_PACKAGE, crf_available
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class Miner:
         self.params = {**allowed, **params}
         self.validate()
         self.input_size = self.params.pop("image_size", None)
+        #: refine each object's pixel mask with a dense CRF (a mask that changes too much is dropped with its box)
+        self.crf = bool(self.params.pop("crf", False))
+        if self.crf and not crf_available():
+            raise ValueError(f"{self.name}: crf=True needs the {CRF_PACKAGE} package (a dense CRF; it builds from "
+                             f"source with a C++ compiler): pip install {CRF_PACKAGE}")
 
     @classmethod
     def parameters(cls) -> dict[str, Any]:
@@ -73,9 +79,10 @@ class Miner:
         sig = inspect.signature(cls.fn)
         return {k: p.default for k, p in sig.parameters.items() if k not in skip} | cls.extra_parameters
 
-    #: parameters the miner handles itself (not passed to ``fn``), with their defaults and types
-    extra_parameters: ClassVar[dict[str, Any]] = {}
-    extra_types: ClassVar[dict[str, Any]] = {}
+    #: parameters the miner handles itself (not passed to ``fn``), with their defaults and types; every miner
+    #: takes ``crf`` (dense-CRF refinement of its masks, off: the masks are the patch masks)
+    extra_parameters: ClassVar[dict[str, Any]] = {"crf": False}
+    extra_types: ClassVar[dict[str, Any]] = {"crf": bool}
 
     @classmethod
     def params_dataclass(cls) -> type:
@@ -88,6 +95,17 @@ class Miner:
             fields.append((key, cls.extra_types.get(key) or hints.get(key, type(default)),
                            dataclasses.field(default=default)))
         return dataclasses.make_dataclass(f"{cls.__name__}Params", fields)
+
+    #: parameters added after runs were recorded, with the value those runs had: left out of a run's identity
+    #: at that value, so the earlier runs stay "up to date" (:meth:`recorded`)
+    unrecorded_defaults: ClassVar[dict[str, Any]] = {"crf": False}
+
+    @classmethod
+    def recorded(cls, params: dict) -> dict:
+        """``params`` as a run records them (what decides its boxes): without the parameters still at the value
+        runs had before those parameters existed (:attr:`unrecorded_defaults`)."""
+        return {k: v for k, v in params.items()
+                if not (k in cls.unrecorded_defaults and v == cls.unrecorded_defaults[k])}
 
     def validate(self) -> None:
         """Check the parameters once (raise ValueError naming the parameter)."""
@@ -209,8 +227,8 @@ class MaskCutMiner(Miner):
     ``image_size`` (optional) resizes the image to that square first, as MaskCut does (480)."""
     name = "maskcut"
     fn = staticmethod(maskcut)
-    extra_parameters = {"image_size": None}
-    extra_types = {"image_size": Optional[int]}
+    extra_parameters = {**Miner.extra_parameters, "image_size": None}
+    extra_types = {**Miner.extra_types, "image_size": Optional[int]}
 
     def validate(self) -> None:
         _check_cut("maskcut", self.params)
