@@ -356,22 +356,15 @@ def mining_metrics(rows: Sequence[dict], dataset: Dataset, info: dict) -> dict:
     return metrics
 
 
-AP_KEYS = ("AP", "AP50", "AP75", "AR100")
-
-
 def pseudo_mask_scores(rows: Sequence[dict], records) -> dict:
-    """Class-agnostic COCO box and mask AP / AP50 / AP75 / AR100 of the ranked pseudo-boxes and their masks
-    (scored by the miner's score) against the GT objects of every category, as CutLER scores MaskCut."""
-    from pipeline.evaluation.coco_ap import evaluate_ap
+    """:func:`pipeline.evaluation.coco_ap.box_and_mask_ap` of the ranked pseudo-boxes and their masks, scored by
+    the miner's score, as CutLER scores MaskCut."""
+    from pipeline.evaluation.coco_ap import box_and_mask_ap
 
-    dets = [{"image_id": int(r["coco_id"]), "category_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-             "score": float(s), "segmentation": m}
-            for r in rows for b, s, m in zip(r["boxes"], r["scores"], r.get("masks") or [])]
-    out = {}
-    for key, iou_type in (("box_ap", "bbox"), ("mask", "segm")):
-        res = evaluate_ap(records, dets, mode="coco", class_agnostic=True, iou_type=iou_type)
-        out[key] = {k: round(res[k], 4) for k in AP_KEYS}
-    return out
+    return box_and_mask_ap(records, [
+        {"image_id": int(r["coco_id"]), "category_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+         "score": float(s), "segmentation": m}
+        for r in rows for b, s, m in zip(r["boxes"], r["scores"], r.get("masks") or [])])
 
 
 def format_mining_summary(metrics: dict, stage_dir: str | os.PathLike, made: Sequence[str] | None) -> str:

@@ -142,3 +142,16 @@ def _result(d: dict, segm: bool) -> dict:
                              "the mask of every detection")
         return {k: v for k, v in d.items() if k not in ("bbox", "area")}
     return dict(d, bbox=[float(v) for v in d["bbox"]])
+
+
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "AR100")
+
+
+def box_and_mask_ap(records: Sequence, results: Sequence[dict]) -> dict:
+    """Class-agnostic COCO-style ``{"box_ap": {AP, AP50, AP75, AR100}, "mask": {...}}`` of ``results`` (each with
+    ``bbox`` and ``segmentation``) against every GT object of ``records``, all categories merged into one."""
+    out = {}
+    for key, iou_type in (("box_ap", "bbox"), ("mask", "segm")):
+        res = evaluate_ap(records, results, mode="coco", class_agnostic=True, iou_type=iou_type)
+        out[key] = {k: round(res[k], 4) for k in SUMMARY_KEYS}
+    return out

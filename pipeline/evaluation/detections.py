@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.boxes import xyxy_to_xywh
-from pipeline.evaluation.coco_ap import evaluate_ap
+from pipeline.evaluation.coco_ap import SUMMARY_KEYS, evaluate_ap
 from pipeline.evaluation.corloc import corloc_top1
 
 VOC_KINDS = ("voc07", "voc12")
@@ -65,5 +65,5 @@ def score_detections(detections: Sequence[dict], records: Sequence, *, mode: str
         if any(d.get("masks") is not None for d in mine) and any(r.has_masks for r in gt):
             seg = evaluate_ap(gt, as_coco_results(mine), mode=mode, class_agnostic=True, voc_difficult=voc_difficult,
                               iou_type="segm")
-            m["mask"] = {k: seg[k] for k in ("AP", "AP50", "AP75", "AR100")}
+            m["mask"] = {k: seg[k] for k in SUMMARY_KEYS}
     return m
