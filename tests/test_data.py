@@ -280,13 +280,13 @@ def test_unknown_kind_and_bad_max_images():
 
 
 def test_dataset_configs_compose():
+    """Each dataset file with its schema (pipeline.data.settings.DatasetSettings: the defaults live there)."""
     from omegaconf import OmegaConf
+    from stage_utils import compose_cfg
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "dataset"
     for kind in ("voc07", "voc12", "coco20k", "coco", "folder", "demo"):
-        c = OmegaConf.create({"paths": {"data_root": "/d"}, "dataset": OmegaConf.to_container(
-            OmegaConf.load(conf / f"{kind}.yaml"))})
-        d = OmegaConf.to_container(c, resolve=True)["dataset"]
+        cfg = compose_cfg("mine", [f"dataset={kind}", "paths.data_root=/d"])
+        d = OmegaConf.to_container(cfg.dataset, resolve=True)
         assert d["name"] == kind == d["kind"] and d["max_images"] is None
         assert {"root", "image_set", "ann_file", "image_dir", "list_file"} <= set(d)
         assert d["root"] == {"voc07": "/d", "voc12": "/d", "coco20k": "/d/coco", "coco": "/d/coco",
