@@ -20,8 +20,8 @@ from pipeline.run_settings import RunSettings
 STAGE_CHECKS = {
     "mine": ("", "backbone", "miner", "mine"),
     "cluster": ("", "backbone", "cluster"),
-    "train_cag": ("", "detector", "schedule", "eval"),
-    "train_cad": ("", "detector", "schedule", "eval"),
+    "train_cag": ("", "detector", "schedule", "train_cag", "eval"),
+    "train_cad": ("", "detector", "schedule", "train_cad", "eval"),
     "evaluate_cag": ("", "eval"),
     "evaluate_cad": ("", "eval"),
 }
@@ -90,8 +90,8 @@ _BACKBONE_KEYS = {"weights": "backbone.weights", "weights_dir": "paths.weights_d
                   "precision": "backbone.precision", "compile": "backbone.compile", "arch": "backbone"}
 _DETECTOR_KEYS = {"weights": "detector.weights", "init": "detector.init", "preset": "detector"}
 LIBRARY_KEYS = {"mine": {**_DATASET_KEYS, **_BACKBONE_KEYS}, "cluster": {**_DATASET_KEYS, **_BACKBONE_KEYS},
-                **{s: {**_DATASET_KEYS, **_DETECTOR_KEYS} for s in ("train_cag", "train_cad", "evaluate_cag",
-                                                                   "evaluate_cad")}}
+                **{s: {**_DATASET_KEYS, **_DETECTOR_KEYS, "copy_paste": f"{s}.copy_paste"}
+                   for s in ("train_cag", "train_cad", "evaluate_cag", "evaluate_cad")}}
 
 
 def in_config_keys(message: str, stage: str | None) -> str:

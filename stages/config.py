@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from pipeline.backbones.settings import BackboneSettings
 from pipeline.clustering.settings import ClusteringSettings
 from pipeline.data.settings import DatasetSettings
+from pipeline.detection.recipe import TrainRecipe
 from pipeline.detection.schedule import Schedule
 from pipeline.detection.settings import DetectorSettings
 from pipeline.discovery import MINERS
@@ -60,8 +61,9 @@ class ClusterConf(ClusteringSettings):
 
 
 @dataclass
-class TrainConf:
-    """What both detector-training stages take (their inputs differ: see the two below)."""
+class TrainConf(TrainRecipe):
+    """What both detector-training stages take (their inputs differ: see the two below), with the library's
+    training recipe (``pipeline.detection.recipe.TrainRecipe``: DropLoss, copy-paste)."""
     image_root: Optional[str] = None      # where the boxes' file_names live; null: its info.image_root, else its dir
     min_box_size: float = 1.0             # boxes narrower/shorter than this (px) are dropped and counted
     resume: bool = False                  # true: continue from model.pt exactly where it stopped (same config)

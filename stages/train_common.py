@@ -16,6 +16,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.detection.data import MasksMissing
+from pipeline.detection.recipe import TrainRecipe
 from pipeline.detection.run import DeviceTooSmall, Hints, TrainParams, train_detector
 from pipeline.detection.schedule import Schedule
 from pipeline.detection.settings import DetectorSettings
@@ -43,6 +44,7 @@ def run_training(cfg: DictConfig, *, section: str, in_path: Path, input_name: st
     """The train-cag / train-cad stage ``section`` on ``in_path`` (the manifest's ``input_name``; ``producer``:
     " (written by `make mine`)" when a stage wrote it). None on ranks > 0 and when the run stopped early."""
     sec, force = cfg[section], bool(cfg.force)
+    recipe = TrainRecipe.of(to_container(sec))  # recorded in model.pt only where it is not LOST's recipe
     try:
         schedule = Schedule.from_dict(to_container(cfg.schedule))
     except (TypeError, ValueError) as e:
@@ -51,8 +53,9 @@ def run_training(cfg: DictConfig, *, section: str, in_path: Path, input_name: st
         stage=section, stage_dir=Path(cfg.stage_dir), in_path=in_path, input_name=input_name,
         class_agnostic=class_agnostic, settings=DetectorSettings.from_dict(to_container(cfg.detector)),
         schedule=schedule, config=to_container(cfg),
-        artifact={k: dataset_identity(cfg) if k == "dataset" else _plain(OmegaConf.select(cfg, k))
-                  for k in artifact_keys},
+        artifact={**{k: dataset_identity(cfg) if k == "dataset" else _plain(OmegaConf.select(cfg, k))
+                     for k in artifact_keys}, **({"recipe": recipe.recorded()} if recipe.recorded() else {})},
+        recipe=recipe,
         report={k: _plain(OmegaConf.select(cfg, k)) for k in REPORT_KEYS},
         image_root=lambda coco: coco_image_root(cfg, coco, override=sec.get("image_root"), fallback=in_path.parent),
         dataset_records=lambda: build_dataset_from_cfg(cfg).records, what=what, hint=hint, producer=producer,

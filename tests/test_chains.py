@@ -118,3 +118,32 @@ def test_odd_folder_chain(tmp_path, capsys, miner, detector):
     _check_pictures(base, f"mine_{miner}", 7)
     coco = json.loads((base / f"mine_{miner}" / "pseudo_boxes.json").read_text())
     assert sorted(im["file_name"] for im in coco["images"] if im.get("mining_error")) == failed
+
+
+def test_cutler_recipe_trains_and_is_recorded(tmp_path, coco_tiny, capsys):
+    """DropLoss and copy-paste on MaskCut's pseudo-masks with a mask detector: trains, is recorded in model.pt (a
+    model trained without them records nothing new), a second run is up to date; copy-paste with a box detector
+    is one error line."""
+    import torch
+
+    from stages.common import run_guarded
+    from stages.mine import run as mine
+    from stages.train_cag import run as train_cag
+
+    data = [f"paths.output_root={tmp_path}", "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=3",
+            "miner=maskcut", *SMOKE]
+    mine(compose_cfg("mine", data))
+    recipe = [*data, "detector=mask_mobilenet_fpn", "train_cag.drop_loss_iou=0.01", "train_cag.copy_paste=0.5"]
+    m = train_cag(compose_cfg("train_cag", recipe))
+    assert m["iterations"] == 4 and set(m["eval"]["mask"]) == {"AP", "AP50", "AP75", "AR100"}
+    model = tmp_path / "coco" / "dino_vits16" / "cag_maskcut" / "model.pt"
+    artifact = torch.load(model, map_location="cpu", weights_only=False)["artifact_config"]
+    assert artifact["recipe"] == {"drop_loss_iou": 0.01, "copy_paste": 0.5}
+    capsys.readouterr()
+    train_cag(compose_cfg("train_cag", recipe))
+    assert "is up to date" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        run_guarded(train_cag, compose_cfg("train_cag", [*data, "detector=mobilenet_fpn", "train_cag.copy_paste=0.5",
+                                                         f"stage_dir={tmp_path / 'box'}"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "train_cag.copy_paste=0.5 pastes objects with their masks" in err

@@ -106,12 +106,13 @@ def test_infinite_sampler_is_seeded_resumable_and_sharded():
     n = 5
     stream = list(itertools.islice(iter(InfiniteSampler(n, seed=3)), 25))
     for e in range(5):  # each epoch visits every image once, in a new order
-        assert sorted(i for i, _ in stream[e * n:(e + 1) * n]) == list(range(n))
+        assert sorted(i for i, _, _ in stream[e * n:(e + 1) * n]) == list(range(n))
         assert stream[e * n:(e + 1) * n] == epoch_order(n, 3, e, True)
+        assert {ep for _, _, ep in stream[e * n:(e + 1) * n]} == {e}   # the epoch rides along (copy-paste)
     assert len({tuple(stream[e * n:(e + 1) * n]) for e in range(5)}) > 1
     assert stream != list(itertools.islice(iter(InfiniteSampler(n, seed=4)), 25))
-    assert any(f for _, f in stream) and not all(f for _, f in stream)
-    assert not any(f for _, f in itertools.islice(iter(InfiniteSampler(n, 3, flip=False)), 25))
+    assert any(f for _, f, _ in stream) and not all(f for _, f, _ in stream)
+    assert not any(f for _, f, _ in itertools.islice(iter(InfiniteSampler(n, 3, flip=False)), 25))
     # resuming at global position 12 continues the same stream
     assert list(itertools.islice(iter(InfiniteSampler(n, seed=3, start=12)), 13)) == stream[12:]
     # two ranks interleave the global stream

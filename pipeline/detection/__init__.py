@@ -25,6 +25,7 @@ _WHERE = {"PRESETS": "settings", "DetectorSettings": "settings", "Schedule": "sc
           "Checkpointer": "checkpoint", "DetectorSpec": "checkpoint", "load_detector": "checkpoint",
           "DetectionDataset": "data", "predict": "inference", "to_coco_results": "inference", "Hook": "hooks",
           "Trainer": "trainer", "train": "trainer"}
+_WHERE.update(dict.fromkeys(("DropLossRoIHeads", "with_drop_loss"), "droploss"))  # CutLER Eq. 1
 __all__ = sorted(_WHERE)
 
 

@@ -130,7 +130,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, key):
-        i, flip = key if isinstance(key, tuple) else (key, False)
+        i, flip = key[:2] if isinstance(key, tuple) else (key, False)  # (i, flip[, epoch]): the sampler's key
         e = self.entries[int(i)]
         image = load_image(e["path"])
         boxes = torch.from_numpy(e["boxes"].copy())
@@ -183,16 +183,17 @@ def collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def epoch_order(n: int, seed: int, epoch: int, flip: bool) -> list[tuple[int, bool]]:
-    """The (index, flip) order of one epoch: a pure function of (seed, epoch)."""
+def epoch_order(n: int, seed: int, epoch: int, flip: bool) -> list[tuple[int, bool, int]]:
+    """The (index, flip, epoch) order of one epoch: a pure function of (seed, epoch). The epoch lets an
+    augmentation seeded by the key (copy-paste) draw afresh every epoch, still exactly on resume."""
     rng = np.random.default_rng([int(seed), int(epoch)])
     perm = rng.permutation(n)
     flips = rng.random(n) < 0.5
-    return [(int(i), bool(f) and flip) for i, f in zip(perm, flips)]
+    return [(int(i), bool(f) and flip, int(epoch)) for i, f in zip(perm, flips)]
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless (index, flip) stream for iteration-based training.
+    """Endless (index, flip, epoch) stream for iteration-based training.
 
     The global stream concatenates :func:`epoch_order` for epochs 0, 1, ...; it starts at global
     position ``start`` (``iteration * global batch`` when resuming) and rank ``r`` of ``world_size``

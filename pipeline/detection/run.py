@@ -28,6 +28,7 @@ from pipeline.data.box_file import training_set_records
 from pipeline.detection.checkpoint import Checkpointer, DetectorSpec, load_detector, read_checkpoint
 from pipeline.detection.data import DetectionDataset
 from pipeline.detection.memory import check_train_memory
+from pipeline.detection.recipe import TrainRecipe
 from pipeline.detection.report import detect_score_draw, format_eval, job_device
 from pipeline.detection.schedule import Schedule
 from pipeline.detection.settings import DetectorSettings
@@ -87,6 +88,7 @@ class TrainParams:
     resume: bool = False
     stop_after: int | None = None
     ap_mode: str = "voc"
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     viz: VizSettings = field(default_factory=VizSettings)
     hints: Hints = field(default_factory=Hints)
@@ -145,6 +147,9 @@ def plan(p: TrainParams) -> Job:
     rank, world = init_distributed()
     if rank == 0:
         recover_replacement(p.stage_dir)
+    if p.recipe.copy_paste > 0 and not p.settings.masks:
+        raise ArtifactError(f"copy_paste={p.recipe.copy_paste} pastes objects with their masks: it needs a mask "
+                            f"detector preset, not {p.settings.preset} (or copy_paste=0)")
     coco = read_coco_boxes(p.in_path, p.what, p.hint)
     job = Job(p, p.stage_dir, rank, world, coco, {**p.artifact, "input_sha256": sha256_file(p.in_path)}, timer)
     outputs = ("model.pt", "metrics.json") + (("detections.json",) if p.evaluation.enabled else ())
@@ -234,6 +239,7 @@ def train_model(job: Job, spec: DetectorSpec, dataset: DetectionDataset) -> tupl
     model = spec.build_model()
     if spec.random_init and job.rank == 0:
         warn_random(f"detector {spec.preset}", p.hints.random_init)
+    model, dataset = with_recipe(p.recipe, model, dataset, seed=p.seed)
     provenance = {"stage": p.stage, "input": str(p.in_path), "input_sha256": job.artifact["input_sha256"],
                   "boxes_random_init": coco_random_init(job.coco)}
     checkpointer = Checkpointer(job.ckpt_path, spec=spec, schedule=sch.to_dict(), artifact_config=job.artifact,
@@ -254,6 +260,20 @@ def train_model(job: Job, spec: DetectorSpec, dataset: DetectionDataset) -> tupl
     return model, {"iterations": res.iteration, "start_iteration": res.start_iteration,
                    "resumed": res.start_iteration > 0, "final_loss": res.losses[-1] if res.losses else None,
                    "train_seconds": round(job.timer.elapsed, 3)}
+
+
+def with_recipe(recipe: TrainRecipe, model, dataset: DetectionDataset, *, seed: int) -> tuple:
+    """The model and training set as ``recipe`` asks: DropLoss in the box head (``drop_loss_iou``), copy-paste
+    on the samples (``copy_paste``, which needs the masks of a mask detector's training set)."""
+    if recipe.drop_loss_iou > 0:
+        from pipeline.detection.droploss import with_drop_loss
+
+        model = with_drop_loss(model, recipe.drop_loss_iou)
+    if recipe.copy_paste > 0:
+        from pipeline.detection.copy_paste import CopyPasteDataset
+
+        dataset = CopyPasteDataset(dataset, recipe.copy_paste, tuple(recipe.copy_paste_scale), seed=seed)
+    return model, dataset
 
 
 def previous_training(stage_dir: Path, iteration: int) -> dict:
