@@ -153,7 +153,7 @@ def test_run_miner_dinoseg_and_config_file():
     from stage_utils import compose_cfg
 
     cfg = OmegaConf.to_container(compose_cfg("mine", ["miner=dinoseg"]).miner)
-    assert cfg == {"name": "dinoseg", "head": 4, "mass": 0.6}  # algorithm parameters only
+    assert cfg == {"name": "dinoseg", "head": 4, "mass": 0.6, "crf": False}  # its parameters and every miner's crf
     attn = torch.full((2, 6, 12), 0.1)
     attn[0, 4, [6, 7]] = 10.0  # image 0, head 4
     attn[1, 4, [0, 1]] = 10.0  # image 1 must be ignored

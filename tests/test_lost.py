@@ -203,7 +203,7 @@ def test_run_miner_lost_uses_first_image_and_config_file():
     from stage_utils import compose_cfg
 
     cfg = OmegaConf.to_container(compose_cfg("mine", ["miner=lost"]).miner)
-    assert cfg == {"name": "lost", "k_patches": 100}  # algorithm parameters only
+    assert cfg == {"name": "lost", "k_patches": 100, "crf": False}  # its parameters and every miner's crf
     F = torch.ones(2, 12, 1)
     F[0, [6, 7, 11]] = -1
     fo = SimpleNamespace(feats=F, dims=(3, 4), cls_attn=None)
