@@ -16,6 +16,9 @@ Presets (``num_classes`` = foreground classes, 1 for class-agnostic; the predict
 - ``mask_r50_fpn`` / ``mask_mobilenet_fpn``: the same two with torchvision's Mask R-CNN mask head (RoIAlign
   14x14 on the FPN levels, four 3x3 convolutions, a 28x28 mask per class), trained when the training file
   has masks; ``mask_r50_fpn`` loads the DINO ResNet-50 like ``r50_fpn``, ``mask_mobilenet_fpn`` is random only.
+- ``cascade_mask_r50_fpn`` / ``cascade_mask_mobilenet_fpn`` (CutLER's detector): the two mask presets with Cascade
+  R-CNN box heads (:mod:`pipeline.detection.cascade`: three stages at IoU 0.5/0.6/0.7, class-agnostic boxes);
+  the backbone is the mask preset's (same DINO keys), the mobilenet one has 256-wide stage heads, random only.
 
 How a detector is built (preset, init, weights, sizes, RoI sampling, NMS) is a :class:`DetectorSettings`, the
 schema of ``conf/detector/*.yaml`` and the one place of its defaults. ``init``: ``"random"`` or
@@ -42,6 +45,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline.detection.settings import INITS, PRESETS, DetectorSettings, check_settings  # noqa: F401
 from pipeline.detection.c4 import Res5BoxHead, ResNetC4Backbone, RoIAlignC4, freeze, freeze_batchnorm
+from pipeline.detection.cascade import cascade_roi_heads
 from pipeline.detection.weights import INIT_URLS, WeightsError, load_resnet50_weights
 
 # detectron2's default multi-scale training sizes (shorter side 480..800 step 32).
@@ -52,7 +56,11 @@ _RPN_TOPK = {  # (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test)
     "mobilenet_fpn": (2000, 2000, 1000, 1000),
     "mask_r50_fpn": (2000, 2000, 1000, 1000),
     "mask_mobilenet_fpn": (2000, 2000, 1000, 1000),
+    "cascade_mask_r50_fpn": (2000, 2000, 1000, 1000),
+    "cascade_mask_mobilenet_fpn": (2000, 2000, 1000, 1000),
 }
+# cascade presets: the box-head width of each of their three stages (the mobilenet one light, for CPU tests)
+_CASCADE_REPRESENTATION = {"cascade_mask_r50_fpn": 1024, "cascade_mask_mobilenet_fpn": 256}
 # checkpoint prefix -> model prefix, per preset
 C4_KEY_MAP = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer1.": "backbone.layer1.",
               "layer2.": "backbone.layer2.", "layer3.": "backbone.layer3.", "layer4.": "roi_heads.box_head.res5."}
@@ -146,7 +154,7 @@ def build_detector(preset: str | DetectorSettings, num_classes: int = 1, *, seed
         if preset == "r50_c4":
             model = _build_c4(num_classes, norm, topk, **kw)
             key_map = C4_KEY_MAP
-        elif preset in ("r50_fpn", "mask_r50_fpn"):
+        elif preset in ("r50_fpn", "mask_r50_fpn", "cascade_mask_r50_fpn"):
             backbone = resnet_fpn_backbone(
                 backbone_name="resnet50", weights=None, trainable_layers=3 if pretrained else 5,
                 norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
@@ -154,7 +162,7 @@ def build_detector(preset: str | DetectorSettings, num_classes: int = 1, *, seed
                 backbone, num_classes=num_classes + 1, rpn_pre_nms_top_n_train=topk[0],
                 rpn_post_nms_top_n_train=topk[1], rpn_pre_nms_top_n_test=topk[2], rpn_post_nms_top_n_test=topk[3], **kw)
             key_map = FPN_KEY_MAP
-        elif preset == "mask_mobilenet_fpn":
+        elif preset in ("mask_mobilenet_fpn", "cascade_mask_mobilenet_fpn"):
             model = _mask_mobilenet(num_classes, topk, **kw)
             key_map = None
         else:
@@ -163,6 +171,8 @@ def build_detector(preset: str | DetectorSettings, num_classes: int = 1, *, seed
                 rpn_post_nms_top_n_train=topk[1], rpn_pre_nms_top_n_test=topk[2], rpn_post_nms_top_n_test=topk[3],
                 **kw)
             key_map = None
+        if preset in _CASCADE_REPRESENTATION:  # three new box stages in place of the box head
+            model.roi_heads = cascade_roi_heads(model.roi_heads, num_classes + 1, _CASCADE_REPRESENTATION[preset])
     if pretrained:
         load_resnet50_weights(model, weights, key_map)
     if preset == "r50_c4":

@@ -116,11 +116,17 @@ def with_drop_loss(model: nn.Module, iou_threshold: Optional[float]) -> nn.Modul
     and tensors are unchanged, so checkpoints load either way). In place; returns ``model``.
 
     ``iou_threshold`` None/0 is off: a plain model is returned untouched, a DropLoss one has its threshold set to 0
-    (torchvision's loss). Call it before wrapping the model in DDP; the optimizer may be built before or after
-    (the parameters are the same objects).
+    (torchvision's loss). A Cascade R-CNN head (:class:`pipeline.detection.cascade.CascadeRoIHeads`) has DropLoss
+    built in: its threshold is set, 0 included (every stage drops on its own boxes, as CutLER does). Call it before
+    wrapping the model in DDP; the optimizer may be built before or after (the parameters are the same objects).
     """
+    from pipeline.detection.cascade import CascadeRoIHeads  # imports this module
+
     tau = check_threshold(iou_threshold)
     heads = getattr(model, "roi_heads", None)
+    if isinstance(heads, CascadeRoIHeads):  # DropLoss built in, per stage on that stage's boxes
+        heads.iou_threshold = tau
+        return model
     if not isinstance(heads, RoIHeads):
         raise TypeError(f"with_drop_loss needs a torchvision FasterRCNN/MaskRCNN, got {type(model).__name__}")
     if isinstance(heads, DropLossRoIHeads):

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, List, Optional, Sequence
 
-PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn", "mask_r50_fpn", "mask_mobilenet_fpn")
-MASK_PRESETS = ("mask_r50_fpn", "mask_mobilenet_fpn")  # Mask R-CNN: a mask head beside the box head
-RANDOM_ONLY = ("mobilenet_fpn", "mask_mobilenet_fpn")  # no DINO MobileNet exists
+PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn", "mask_r50_fpn", "mask_mobilenet_fpn", "cascade_mask_r50_fpn",
+           "cascade_mask_mobilenet_fpn")
+# Mask R-CNN: a mask head beside the box head (the cascade_ ones: Cascade Mask R-CNN, three box stages)
+MASK_PRESETS = ("mask_r50_fpn", "mask_mobilenet_fpn", "cascade_mask_r50_fpn", "cascade_mask_mobilenet_fpn")
+RANDOM_ONLY = ("mobilenet_fpn", "mask_mobilenet_fpn", "cascade_mask_mobilenet_fpn")  # no DINO MobileNet exists
 INITS = ("random", "dino", "imagenet")
 
 
@@ -74,8 +76,8 @@ class DetectorSettings:
             raise ValueError(f"unknown detector init {init!r}; choose one of {', '.join(INITS)}")
         if init != "random" and preset in RANDOM_ONLY:
             raise ValueError(f"init {init} is not available for preset {preset}, which supports only init "
-                             "random (no such MobileNet checkpoint); use preset r50_c4, r50_fpn or mask_r50_fpn for "
-                             "pretrained weights")
+                             "random (no such MobileNet checkpoint); use preset r50_c4, r50_fpn, mask_r50_fpn or "
+                             "cascade_mask_r50_fpn for pretrained weights")
         sizes = list(self.min_size) if isinstance(self.min_size, Sequence) else [self.min_size]
         positive = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1  # noqa: E731
         unit = lambda v: isinstance(v, (int, float)) and 0 <= v <= 1  # noqa: E731
