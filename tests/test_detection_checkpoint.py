@@ -123,3 +123,38 @@ def test_plan_checkpoint_decides_train_resume_report_or_refuses_without_naming_c
                                                 r"since; schedule\.lr: 0\.1 -> 0\.2\)$") as e:
         plan_checkpoint("m.pt", half, other, resume=True, inputs={"input_sha256": "the input"})
     assert e.value.kind == "changed" and "FORCE" not in str(e.value) and "resume=" not in str(e.value)
+
+
+def test_a_training_can_start_from_a_previous_models_weights(tmp_path, voc07_mini):
+    """A self-training round starts from the previous round's model: ``init_weights`` copies its weights (another
+    number of classes is an error naming the file), and ``TrainParams.init_from`` records the file's hash in the
+    trained model's artifact settings."""
+    from pipeline.artifacts import coco_boxes_dataset, sha256_file, write_json
+    from pipeline.data import build_dataset
+    from pipeline.detection.checkpoint import init_weights
+    from pipeline.detection.run import TrainParams, train_detector
+    from pipeline.evaluation.settings import EvalSettings
+
+    settings = DetectorSettings(preset="mobilenet_fpn", min_size=64, max_size=96)
+    previous = DetectorSpec.create(settings, 1, seed=0)
+    path = tmp_path / "previous.pt"
+    torch.save({"format": FORMAT, "spec": previous.to_dict(), "model": previous.build_model().state_dict()}, path)
+    fresh = DetectorSpec.create(settings, 1, seed=1).build_model()
+    init_weights(fresh, path)
+    want = previous.build_model().state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(ArtifactError, match="do not fit this detector.*1 class"):
+        init_weights(DetectorSpec.create(settings, 3, seed=0).build_model(), path)
+
+    records = build_dataset("voc07", str(voc07_mini), max_images=2).records
+    boxes = tmp_path / "boxes.json"
+    write_json(boxes, coco_boxes_dataset(
+        [{"id": r.coco_id, "file_name": r.path, "width": r.width, "height": r.height} for r in records],
+        [{"image_id": r.coco_id, "bbox_xyxy": [float(v) for v in r.boxes[0]]} for r in records]))
+    p = TrainParams(stage="round1", stage_dir=tmp_path / "round1", in_path=boxes, input_name="boxes",
+                    class_agnostic=True, settings=settings, schedule=Schedule(iterations=1, batch_size=1, lr=0.001),
+                    artifact={}, report={}, config={}, image_root=lambda coco: tmp_path, dataset_records=lambda: records,
+                    evaluation=EvalSettings(enabled=False), init_from=path)
+    train_detector(p)
+    trained = torch.load(tmp_path / "round1" / "model.pt", map_location="cpu", weights_only=False)
+    assert trained["artifact_config"]["init_sha256"] == sha256_file(path)

@@ -177,6 +177,21 @@ def load_detector(path: str | os.PathLike, hint: str = "") -> tuple[torch.nn.Mod
     return model.eval(), spec, meta
 
 
+def init_weights(model: torch.nn.Module, path: str | os.PathLike, hint: str = "") -> None:
+    """Start ``model`` from the trained weights of the detector checkpoint at ``path`` (a self-training round
+    from the previous round's model): the same preset and classes, or an :class:`ArtifactError` naming both."""
+    ckpt = read_checkpoint(path, hint)
+    try:
+        res = model.load_state_dict(ckpt["model"], strict=False)
+        bad = [k for k in [*res.missing_keys, *res.unexpected_keys] if not k.endswith("num_batches_tracked")]
+    except RuntimeError as e:  # shapes differ (another number of classes)
+        bad = [line.strip() for line in str(e).splitlines()[1:]]
+    if bad:
+        raise ArtifactError(f"{path}: its weights do not fit this detector ({len(bad)} keys, e.g. {bad[:3]}; it is "
+                            f"a {ckpt['spec'].get('preset')} with {ckpt['spec'].get('num_classes')} class(es)). "
+                            f"{hint}".strip())
+
+
 # --------------------------------------------------------------------------- writing
 class Checkpointer:
     """Saves and restores a training run's state in one file (atomically), RNG states included.

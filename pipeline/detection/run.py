@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pipeline.artifacts import (ArtifactError, begin_replacement, commit_replacement, read_coco_boxes, read_json,
                                 recover_replacement, replacement_dir, sha256_file, write_json, write_manifest)
 from pipeline.data.box_file import training_set_records
-from pipeline.detection.checkpoint import Checkpointer, DetectorSpec, load_detector, read_checkpoint
+from pipeline.detection.checkpoint import Checkpointer, DetectorSpec, init_weights, load_detector, read_checkpoint
 from pipeline.detection.data import DetectionDataset
 from pipeline.detection.memory import check_train_memory
 from pipeline.detection.recipe import TrainRecipe
@@ -89,6 +89,7 @@ class TrainParams:
     stop_after: int | None = None
     ap_mode: str = "voc"
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    init_from: Path | None = None  # start from this detector checkpoint's weights (a self-training round)
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     viz: VizSettings = field(default_factory=VizSettings)
     hints: Hints = field(default_factory=Hints)
@@ -151,7 +152,10 @@ def plan(p: TrainParams) -> Job:
         raise ArtifactError(f"copy_paste={p.recipe.copy_paste} pastes objects with their masks: it needs a mask "
                             f"detector preset, not {p.settings.preset} (or copy_paste=0)")
     coco = read_coco_boxes(p.in_path, p.what, p.hint)
-    job = Job(p, p.stage_dir, rank, world, coco, {**p.artifact, "input_sha256": sha256_file(p.in_path)}, timer)
+    artifact = {**p.artifact, "input_sha256": sha256_file(p.in_path)}
+    if p.init_from is not None:  # the weights it starts from decide its weights
+        artifact["init_sha256"] = sha256_file(p.init_from)
+    job = Job(p, p.stage_dir, rank, world, coco, artifact, timer)
     outputs = ("model.pt", "metrics.json") + (("detections.json",) if p.evaluation.enabled else ())
     inputs = {"input_sha256": f"the input {p.in_path}{p.producer}"}
     rerun = plan_rerun(p.stage_dir, stage=p.stage, artifact=job.artifact, report=p.report, outputs=outputs,
@@ -239,6 +243,8 @@ def train_model(job: Job, spec: DetectorSpec, dataset: DetectionDataset) -> tupl
     model = spec.build_model()
     if spec.random_init and job.rank == 0:
         warn_random(f"detector {spec.preset}", p.hints.random_init)
+    if p.init_from is not None:
+        init_weights(model, p.init_from)
     model, dataset = with_recipe(p.recipe, model, dataset, seed=p.seed)
     provenance = {"stage": p.stage, "input": str(p.in_path), "input_sha256": job.artifact["input_sha256"],
                   "boxes_random_init": coco_random_init(job.coco)}
