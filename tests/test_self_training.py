@@ -48,3 +48,32 @@ def test_box_iou_without_masks_and_the_per_image_cap():
     assert merge_round([], prev, score_threshold=0.7) == [dict(a, source="previous") for a in prev]
     with pytest.raises(KeyError):
         merge_round([{"image_id": 1, "bbox": [0, 0, 1, 1]}], [], score_threshold=0.5)  # a prediction needs a score
+
+
+def test_next_round_file_from_a_model(tmp_path):
+    """A detector's predictions on the previous file's images become the next file: every image kept, each
+    prediction above the threshold with its mask (RLE at the image's size) and area, the rest added back."""
+    import torch
+    from PIL import Image
+
+    from pipeline.artifacts import coco_boxes_dataset
+    from pipeline.detection.builders import build_detector
+    from pipeline.detection.self_training import next_round
+    from pipeline.masks import decode_rle
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    images = [{"id": i + 1, "file_name": f"im{i}.png", "width": 64, "height": 48} for i in range(2)]
+    previous = coco_boxes_dataset(images, [{"image_id": 1, "bbox_xyxy": [2, 2, 30, 30], "score": 0.5,
+                                            "segmentation": encode_rle(_rect(2, 30, 2, 30, (48, 64)))}])
+    model = build_detector("mask_mobilenet_fpn", 1, min_size=48, max_size=64, score_thresh=0.0, seed=0)
+    torch.manual_seed(0)
+    nxt = next_round(model, previous, tmp_path, score_threshold=0.0, max_per_image=3)
+    st = nxt["info"]["self_training"]
+    assert nxt["images"] == images and st["prediction"] == 6 and st["previous"] + st["prediction"] == len(
+        nxt["annotations"])
+    for a in nxt["annotations"]:
+        m = decode_rle(a["segmentation"])
+        assert m.shape == (48, 64) and a["area"] == m.sum() and len(a["bbox"]) == 4
+    assert next_round(model, previous, tmp_path, score_threshold=1.1)["annotations"][0]["source"] == "previous"

@@ -55,3 +55,33 @@ def merge_round(predictions: Sequence[dict], previous: Sequence[dict], *, score_
         for a in back:
             out.append({**{k: v for k, v in a.items() if k != "id"}, "source": "previous"})
     return out
+
+
+def next_round(model, previous: dict, root, *, score_threshold: float, iou_threshold: float = 0.5,
+               max_per_image: int | None = 100, device: str = "cpu", batch_size: int = 2,
+               progress: bool = False) -> dict:
+    """The next round's pseudo-label file (a COCO dataset like ``pseudo_boxes.json``): ``model`` (the round's
+    detector) predicts on the images of ``previous`` (its pseudo-label file, ``file_name`` under ``root``), and
+    :func:`merge_round` keeps its confident predictions and adds back the objects they miss. Images mining failed
+    on or missing on disk keep their previous objects; ``info.self_training`` says how many came from where."""
+    from pipeline.artifacts import coco_boxes_dataset
+    from pipeline.boxes import xywh_to_xyxy
+    from pipeline.data.box_file import training_set_records
+    from pipeline.detection.inference import predict, to_coco_results
+    from pipeline.masks import rle_area
+
+    records, _, _ = training_set_records(previous, root)
+    results = to_coco_results(predict(model, records, device=device, batch_size=batch_size, progress=progress))
+    merged = merge_round(results, previous["annotations"], score_threshold=score_threshold,
+                         iou_threshold=iou_threshold, max_per_image=max_per_image)
+    anns = []
+    for a in merged:
+        ann = {k: v for k, v in a.items() if k != "bbox"}
+        ann["bbox_xyxy"] = xywh_to_xyxy([a["bbox"]])[0].tolist()
+        if isinstance(a.get("segmentation"), dict):  # a mask's area is its pixels (a prediction has none yet)
+            ann["area"] = float(rle_area(a["segmentation"]))
+        anns.append(ann)
+    counts = {s: sum(a["source"] == s for a in merged) for s in ("prediction", "previous")}
+    info = {**previous.get("info", {}), "self_training": {"score_threshold": score_threshold,
+                                                          "iou_threshold": iou_threshold, **counts}}
+    return coco_boxes_dataset(previous["images"], anns, categories=previous.get("categories"), info=info)
