@@ -23,7 +23,7 @@ MAKE_VARS := PYTHON ARGS NPROC FORCE DATA_ROOT PYTEST_ARGS
 HYDRA_KEYS := $(sort $(notdir $(patsubst %/,%,$(wildcard conf/*/))) \
                      $(shell sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\):.*/\1/p' conf/*.yaml 2>/dev/null) \
                      dataset backbone miner detector schedule cluster paths experiment \
-                     device num_workers progress force seed mine train_cag eval viz report)
+                     device num_workers progress force seed mine train_cag self_train eval viz report)
 CLI_VARS := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
 HYDRA_LIKE := $(foreach v,$(filter-out $(MAKE_VARS),$(CLI_VARS)),\
                 $(if $(or $(findstring .,$(v)),$(filter $(HYDRA_KEYS) +% ~%,$(v))),$(v)))
@@ -41,7 +41,7 @@ $(error error: FORCE=$(FORCE): use FORCE=1 (or true, yes) to redo a stage, FORCE
 endif
 endif
 
-.PHONY: install demo test test-all mine merge train-cag evaluate-cag cluster train-cad evaluate-cad \
+.PHONY: install demo test test-all mine merge train-cag self-train evaluate-cag cluster train-cad evaluate-cad \
         status report data-voc07 data-voc12 data-coco data-coco20k benchmark clean-outputs help
 
 help:
@@ -81,8 +81,12 @@ endif
 train-cag: $(STAMP)
 	$(TRAIN) stages.train_cag $(FORCE_ARGS) $(ARGS)
 
+# self-training rounds on train-cag's detector (one process: a round predicts, then trains; no DDP)
+self-train: $(STAMP)
+	$(PY) -m stages.self_train $(FORCE_ARGS) $(ARGS)
+
 evaluate-cag: $(STAMP)
-	$(PY) -m stages.evaluate_cag $(ARGS)
+	$(PY) -m stages.evaluate_cag $(FORCE_ARGS) $(ARGS)
 
 train-cad: $(STAMP)
 	$(TRAIN) stages.train_cad $(FORCE_ARGS) $(ARGS)

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 # the mine stage's pictures: ``<index in the dataset, 6 digits>_<image stem>.png`` (:func:`mining_picture_name`)
 _MINING_PICTURE = re.compile(r"(\d+)_(.*)\.png$")
@@ -151,3 +151,47 @@ def pngs(d: Path) -> list[Path]:
     """The PNG pictures of a folder (hidden work files skipped), in natural order."""
     return sorted((p for p in d.glob("*.png") if not p.name.startswith(".")), key=lambda p: natural_key(p.name)) \
         if d.is_dir() else []
+
+
+# ------------------------------------------------------------------------- self-training rounds
+ROUND_DIR = re.compile(r"round(\d+)$")   # a round's folder under the cag folder: round1, round2, ...
+
+
+def rounds_table(cag: Path) -> list[dict]:
+    """One row per round found under the cag folder ``cag`` (round 0: the cag folder itself), from their
+    metrics.json and pseudo-label files: ``round``, ``corloc``, ``AP50``, ``AP``, ``mask_AP`` (None where not
+    scored), ``objects`` (pseudo-objects trained on: predictions / previous), ``random_init``."""
+    def read(p: Path) -> dict:
+        v = read_json_or_none(p)
+        return v if isinstance(v, dict) else {}
+
+    folders = [(0, Path(cag))] + sorted((int(m.group(1)), d) for d in Path(cag).glob("round*")
+                                        if d.is_dir() and (m := ROUND_DIR.match(d.name)))
+    rows = []
+    for r, d in folders:
+        m = read(d / "metrics.json")
+        if not m:
+            continue
+        ev, st = m.get("eval") or {}, (read(d / "pseudo_labels.json").get("info") or {}).get("self_training") or {}
+        rows.append({"round": r, "folder": str(d), "corloc": ev.get("corloc"), "AP50": ev.get("AP50"),
+                     "AP": ev.get("AP"), "mask_AP": (ev.get("mask") or {}).get("AP"),
+                     "boxes_used": (m.get("dataset_stats") or {}).get("boxes_used"),
+                     "predictions": st.get("prediction"), "previous": st.get("previous"),
+                     "score_threshold": st.get("score_threshold"), "random_init": bool(m.get("random_init"))})
+    return rows
+
+
+def format_rounds(rows: Sequence[dict]) -> str:
+    """The rounds' table as console lines (``make self-train``, ``make status``)."""
+    def num(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = ["round  CorLoc   AP50     AP  maskAP  objects (predicted + kept)  threshold"]
+    for r in rows:
+        objects = "" if r["predictions"] is None else f"  ({r['predictions']} + {r['previous']})"
+        lines.append(f"{r['round']:>5} {num(r['corloc']):>7} {num(r['AP50']):>6} {num(r['AP']):>6} "
+                     f"{num(r['mask_AP']):>7}  {str(r['boxes_used'] or '-') + objects:<26} "
+                     f"{'-' if r['score_threshold'] is None else r['score_threshold']}")
+    if any(r["random_init"] for r in rows):
+        lines.append("[RANDOM WEIGHTS: smoke test, not a result]")
+    return "\n".join(lines)

@@ -18,28 +18,15 @@ a change of what decides the weights over an existing model.pt is an error namin
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
 from stages.config import stage_main
 from stages.common import run_guarded
-from stages.train_common import run_training
-
-# What decides the weights (stored in model.pt, compared on reruns); eval/viz/progress/num_workers/device
-# decide only the report (stages.train_common.REPORT_KEYS).
-ARTIFACT_KEYS = ("dataset", "backbone", "miner", "detector", "schedule", "seed", "train_cag.boxes",
-               "train_cag.image_root", "train_cag.min_box_size")
+from stages.train_common import train_cag
 
 
 def run(cfg: DictConfig) -> dict | None:
-    c = cfg.train_cag
-    path = Path(str(c.boxes)) if c.get("boxes") else Path(str(cfg.inputs.pseudo_boxes))
-    return run_training(cfg, section="train_cag", in_path=path, input_name="pseudo_boxes", what="pseudo-box file",
-                        hint="Run `make mine` (python -m stages.mine) with the same dataset/backbone first, or "
-                             "set train_cag.boxes=<COCO json>.",
-                        producer="" if c.get("boxes") else " (written by `make mine`)",
-                        class_agnostic=True, artifact_keys=ARTIFACT_KEYS)
+    return train_cag(cfg)  # what decides the weights: stages.train_common.CAG_ARTIFACT_KEYS
 
 
 @stage_main("train_cag")

@@ -29,13 +29,25 @@ def load_trained(model_path: Path, hint: str = "", what: str = "pseudo-boxes") -
 
 def evaluate_detector(model_path: Path, records: Callable[[], Sequence], out_dir: Path, *, mode: str,
                       evaluation: EvalSettings, viz: VizSettings, device: str, progress: bool, config: dict,
-                      dataset: str, image_set: str | None, hint: str = "") -> dict:
-    """The detector at ``model_path`` on ``records()`` (called once it is loaded) -> ``out_dir``/detections.json,
-    metrics.json (scores in ``mode``, the model and ``dataset``:``image_set`` evaluated), viz/, manifest.json
-    (``config``); the metrics. ``hint``: how to get the model, when it cannot be loaded."""
-    start = time.time()
+                      dataset: str, image_set: str | None, hint: str = "", force: bool = False) -> dict:
+    """The detector at ``model_path`` on ``records()`` -> ``out_dir``/detections.json, metrics.json (scores in
+    ``mode``, the model and ``dataset``:``image_set`` evaluated), viz/, manifest.json (``config``); the metrics.
+    ``hint``: how to get the model, when it cannot be loaded. Up to date (nothing done) when ``out_dir`` holds the
+    evaluation of the same model file, images and settings, unless ``force``."""
+    import dataclasses
+
+    start, images = time.time(), records()
+    if not model_path.is_file():
+        raise ArtifactError(f"detector checkpoint not found: {model_path}. {hint}".strip())
+    key = sha256_json({"model": sha256_file(model_path), "images": _images_key(images), "mode": mode,
+                       "eval": dataclasses.asdict(evaluation), "viz": dataclasses.asdict(viz)})
+    done = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
+    if not force and done.get("evaluated") == key and (out_dir / "metrics.json").is_file():
+        print(f"evaluate-cag: {out_dir} is up to date (the same model, images and settings); force the rerun to "
+              "redo it", flush=True)
+        return read_json(out_dir / "metrics.json")
     model, spec, meta, random_init = load_trained(model_path, hint)
-    iteration, images = meta["iteration"], records()
+    iteration = meta["iteration"]
     ev = detect_score_draw(model, images, out_dir, category_ids=spec.category_ids, mode=mode, evaluation=evaluation,
                            viz=viz, device=job_device(device), progress=progress, random_init=random_init)
     metrics = {**ev, "model": str(model_path), "model_iteration": iteration,
@@ -43,7 +55,7 @@ def evaluate_detector(model_path: Path, records: Callable[[], Sequence], out_dir
                "detector": spec.preset, "random_init": random_init}
     write_json(out_dir / "metrics.json", metrics)
     write_manifest(out_dir, stage="evaluate_cag", config=config, inputs={"model": model_path},
-                   weights_sha256=spec.weights_sha256, start_time=start, end_time=time.time())
+                   weights_sha256=spec.weights_sha256, start_time=start, end_time=time.time(), extra={"evaluated": key})
     print("\n".join([f"evaluate-cag: {model_path} (iteration {iteration}) on {dataset}:{image_set}",
                      *format_eval(ev, random_init),
                      f"artifacts: {out_dir}/ (detections.json, metrics.json, viz/, manifest.json)"]), flush=True)

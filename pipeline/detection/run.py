@@ -54,6 +54,7 @@ class Hints:
     resume: str = "resume=True"               # continues a stopped run
     stop_after: str = "stop_after"            # the setting that stopped it
     random_init: str = "init=random"          # why the detector's weights are random
+    prerequisite: str = "train it first"      # self-training: how the detector the rounds start from is made
 
 
 @dataclass
@@ -265,7 +266,8 @@ def train_model(job: Job, spec: DetectorSpec, dataset: DetectionDataset) -> tupl
         return model, None
     return model, {"iterations": res.iteration, "start_iteration": res.start_iteration,
                    "resumed": res.start_iteration > 0, "final_loss": res.losses[-1] if res.losses else None,
-                   "train_seconds": round(job.timer.elapsed, 3)}
+                   "train_seconds": round(job.timer.elapsed, 3),
+                   **({"init_from": str(p.init_from)} if p.init_from is not None else {})}
 
 
 def with_recipe(recipe: TrainRecipe, model, dataset: DetectionDataset, *, seed: int) -> tuple:
@@ -317,7 +319,8 @@ def report(job: Job, dataset: DetectionDataset, eval_set: tuple, model, spec: De
                                random_init=metrics["random_init"])
         metrics["eval"] = {**ev, "images_missing": eval_missing, "images_failed_in_mining": eval_failed}
     write_json(out_dir / "metrics.json", metrics)
-    write_manifest(out_dir, stage=p.stage, config=p.config, inputs={p.input_name: p.in_path},
+    inputs = {p.input_name: p.in_path, **({"init_weights": p.init_from} if p.init_from is not None else {})}
+    write_manifest(out_dir, stage=p.stage, config=p.config, inputs=inputs,
                    weights_sha256=spec.weights_sha256, start_time=job.timer.start, end_time=time.time(),
                    extra={"artifact": job.artifact, "report": p.report, "iteration": metrics["iterations"],
                           "random_init": metrics["random_init"], "model_reused": job.mode == "report",
@@ -332,7 +335,8 @@ def format_summary(stage: str, stage_dir: Path, m: dict) -> str:
     """The console summary of a training run's metrics (what was trained on, dropped, scored and written)."""
     s = m["dataset_stats"]
     how = "model.pt reused, not retrained" if m.get("model_reused") else \
-        ("resumed at " + str(m["start_iteration"]) if m["resumed"] else "from scratch")
+        ("resumed at " + str(m["start_iteration"]) if m["resumed"] else
+         f"from the weights of {m['init_from']}" if m.get("init_from") else "from scratch")
     lines = [f"{stage}: {m['iterations']} iterations ({how}), "
              f"{m['num_classes']} class(es), final loss {m['final_loss'] if m['final_loss'] is None else round(m['final_loss'], 4)}",
              f"training set: {s['images_used']} images, {s['boxes_used']} boxes used; dropped: "

@@ -98,3 +98,20 @@ def heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], path, 
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title(title, fontsize=10)
     return _save(fig, path, random_init)
+
+
+def rounds(rows: Sequence[dict], path, *, random_init: bool = False) -> Path:
+    """CorLoc and AP (box AP50 / AP, mask AP where scored) against the self-training round (round 0: the detector
+    the rounds start from); a score not measured is left out."""
+    fig, (ax,) = _figure(5.5, 3.2)
+    x = [r["round"] for r in rows]
+    for key, label in (("corloc", "CorLoc top-1 %"), ("AP50", "AP50"), ("AP", "AP"), ("mask_AP", "mask AP")):
+        y = [np.nan if r.get(key) is None else float(r[key]) for r in rows]
+        if not all(np.isnan(y)):
+            ax.plot(x, y, marker="o", label=label)
+    ax.set_xticks(x)
+    ax.set_xlabel("self-training round")
+    ax.set_title("scores on the training images, per round", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    return _save(fig, path, random_init)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.report import plots
-from pipeline.summaries import natural_key, pngs, read_json_or_none
+from pipeline.summaries import natural_key, pngs, read_json_or_none, rounds_table
 
 if TYPE_CHECKING:
     from pipeline.layout import Chain
@@ -49,12 +49,19 @@ def training(b: "Builder", kind: str, title: str, chain: "Chain | None" = None) 
            "num_classes": metrics.get("num_classes"), "corloc": ev.get("corloc"), "AP50": ev.get("AP50"),
            "AP": ev.get("AP"), "AP75": ev.get("AP75"), "mask": ev.get("mask"), "eval_images": ev.get("images"),
            "random_init": random_init, "is_result": not random_init, "curves": None, "pictures": [],
-           "log_rows": len(rows), "evaluations": []}
+           "log_rows": len(rows), "evaluations": [], "rounds": [], "rounds_plot": None}
     if rows:
         out["curves"] = b.rel(plots.training_curves(rows, b.img / f"{stage.replace('/', '_')}_curves.png", title=title,
                                                        random_init=random_init))
     for p in pngs(d / "viz")[: min(6, b.max_pictures)] if finished else []:
         out["pictures"].append({"src": b.copy(p, f"{stage}_viz_{p.name}"), "image_id": p.stem})
+    if kind == "cag" and len(rounds := rounds_table(d)) > 1:  # self-training rounds: cag/round<r>/
+        for r in rounds:
+            r["status"] = b.status.get(stage if r["round"] == 0 else f"{stage}/round{r['round']}")
+            r["random_init"] = b.mark_random(f"{stage}/round{r['round']}/metrics.json", r) if r["round"] else random_init
+        out["rounds"] = rounds
+        out["rounds_plot"] = b.rel(plots.rounds(rounds, b.img / f"{stage.replace('/', '_')}_rounds.png",
+                                                random_init=any(r["random_init"] for r in rounds)))
     if kind == "cag":  # evaluate-cag runs: cag/eval_<set>/metrics.json
         for e in sorted(p for p in d.glob("eval_*") if (p / "metrics.json").is_file()):
             m = read_json_or_none(e / "metrics.json") or {}

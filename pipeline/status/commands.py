@@ -10,6 +10,8 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from pipeline.summaries import format_rounds, rounds_table
+
 if TYPE_CHECKING:
     from pipeline.status.states import StageState
 
@@ -18,7 +20,7 @@ SELECTOR_DEFAULTS = {"miner": "lost", "backbone.feature": "k", "cluster.source":
                      "dataset.image_set": "trainval"}
 # keys of the experiment's ARGS that a suggested command must not carry over
 NOT_CARRIED = ("force", "stage_dir", "train_cag.resume", "train_cad.resume", "train_cag.stop_after",
-               "train_cad.stop_after")
+               "train_cad.stop_after", "self_train.resume", "self_train.stop_after")
 
 
 def _key(arg: str) -> str:
@@ -78,4 +80,8 @@ def format_status(states: list["StageState"], args: Sequence[str] | None = None)
         command = next_command(st, args)
         if command:
             lines.append(f"{'':<{width + 1}}run: {command}")
+    for st in states:  # the self-training rounds of a detector, scored side by side
+        rows = rounds_table(st.path) if st.kind == "cag" and st.stage.count("/") == 0 else []
+        if len(rows) > 1:
+            lines += [f"\nself-training rounds of {st.stage}:", format_rounds(rows)]
     return "\n".join(lines)

@@ -31,13 +31,14 @@ from pipeline.artifacts import sha256_file
 from pipeline.layout import KINDS, Layout
 from pipeline.status.commands import next_command
 from pipeline.status.tree import inside, reroot, shown, tree_map, visible
-from pipeline.summaries import Manifest, MiningSummary, journal_counts
+from pipeline.summaries import ROUND_DIR, Manifest, MiningSummary, journal_counts
 
 STAGES = KINDS
 # make target of a stage kind; evaluation runs (eval_* below cag/ or cad/) are below
 TARGETS = {"mine": "mine", "cag": "train-cag", "cluster": "cluster", "cad": "train-cad"}
 EVAL_TARGETS = {"cag": "evaluate-cag", "cad": "evaluate-cad"}
 TRAIN_SECTIONS = {"cag": "train_cag", "cad": "train_cad"}
+ROUND = ("self-train", "self_train")   # a self-training round below cag/ (round<r>/): its target and section
 UNFINISHED = ("stale", "partial", "failed")
 
 
@@ -67,6 +68,12 @@ class StageState:
             self.evaluation = len(parts) > 1 and self.kind in EVAL_TARGETS and parts[-1].startswith("eval_")
 
     @property
+    def is_round(self) -> bool:
+        """A self-training round (``cag/round2``)."""
+        parts = self.stage.split("/")
+        return self.kind == "cag" and len(parts) > 1 and ROUND_DIR.match(parts[-1]) is not None
+
+    @property
     def label(self) -> str:
         """The state in a few characters, as both commands print it: ``done (5 failed)``, ``partial 5/30``,
         ``STALE``, ``missing``, ``failed``."""
@@ -80,6 +87,8 @@ class StageState:
     @property
     def target(self) -> str:
         """The make target that (re)runs this stage."""
+        if self.is_round:
+            return ROUND[0]
         return EVAL_TARGETS[self.kind] if self.evaluation else TARGETS.get(self.kind, self.kind)
 
     def as_dict(self, args: Sequence[str] | None = None) -> dict:
@@ -106,13 +115,15 @@ def _unfinished(name: str, stage_dir: Path, n_images: int | None, kind: str, eva
         return StageState(name, "partial", stage_dir, progress=(ok, total), detail=detail)
     if kind in TRAIN_SECTIONS and not evaluation:
         return _training(name, stage_dir, kind)
+    if kind == "cag" and ROUND_DIR.match(stage_dir.name):
+        return _training(name, stage_dir, kind, section=ROUND[1])
     return StageState(name, "missing", stage_dir)
 
 
-def _training(name: str, stage_dir: Path, kind: str) -> StageState:
+def _training(name: str, stage_dir: Path, kind: str, section: str = "") -> StageState:
     """A training stage without its results: read the iteration and the schedule's length from model.pt
     (memory-mapped: the weights are not read)."""
-    section = TRAIN_SECTIONS[kind]
+    section = section or TRAIN_SECTIONS[kind]
     ckpt_path = stage_dir / "model.pt"
     if not ckpt_path.is_file():
         if stage_dir.is_dir() and any(stage_dir.iterdir()):
@@ -163,6 +174,8 @@ def _selectors(st: StageState, man: Manifest, chain: Mapping[str, str] | None) -
             out["cluster.k"] = str(k)
         if run != f"k{k}":
             out["cluster.run_name"] = run
+    elif st.is_round:
+        out["self_train.rounds"] = str(ROUND_DIR.match(parts[-1]).group(1))
     elif st.kind == "cad":
         run = man.section("train_cad").get("cluster_run")
         if run:
@@ -243,12 +256,13 @@ def pipeline_status(root: str | os.PathLike, layout: Layout | None = None, *, an
     kw = {"root": root, "annotations_digest": annotations_digest, "n_images": n_images}
     out = []
     for kind, d, chain in layout.folders():
-        nested = sorted(m.parent for m in d.rglob("manifest.json")
-                        if m.parent != d and visible(m.parent, root)) if d.is_dir() else []
+        nested = sorted({m.parent for m in d.rglob("manifest.json") if m.parent != d and visible(m.parent, root)} |
+                        ({r for r in d.glob("round*") if r.is_dir() and ROUND_DIR.match(r.name)} if kind == "cag"
+                         else set())) if d.is_dir() else []
         if kind != "cluster" or not nested:   # a cluster folder holds runs; every other folder is a stage itself
             out.append(stage_state(d, layout.name(d), kind=kind, selectors=chain.selectors, **kw))
-        out.extend(stage_state(n, layout.name(n), kind=kind, evaluation=kind in EVAL_TARGETS,
-                               selectors=chain.selectors, **kw) for n in nested)
+        out.extend(stage_state(n, layout.name(n), kind=kind, evaluation=kind in EVAL_TARGETS and
+                               n.name.startswith("eval_"), selectors=chain.selectors, **kw) for n in nested)
     _propagate(out)
     return out
 
