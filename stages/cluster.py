@@ -39,10 +39,6 @@ def _artifact(cfg: DictConfig, in_path: Path) -> dict:
             "backbone": to_container(cfg.backbone), "cluster": c}
 
 
-def _report(cfg: DictConfig) -> dict:
-    return {"viz": {"gallery_size": int(cfg.viz.gallery_size), "thumb": int(cfg.viz.thumb)}}
-
-
 def _input_path(cfg: DictConfig) -> Path:
     c = cfg.cluster
     return Path(c.boxes) if c.boxes else Path(cfg.inputs.pseudo_boxes if c.source == "lost" else cfg.inputs.cag_detections)
@@ -60,19 +56,13 @@ def load_boxes(cfg: DictConfig) -> tuple[dict, Path, Path]:
         return coco, coco_image_root(cfg, coco), path
     results = read_json(path, "detections file", hint="Run `make train-cag` first, or set cluster.boxes=<file> "
                         "(COCO results json).")
-    if not isinstance(results, list):
-        raise StageError(f"{path}: expected a COCO results list [{{image_id, bbox, score, ...}}, ...]")
     records = build_dataset_from_cfg(cfg).records
     root = Path(records_root(records))
     try:
         coco = detections_to_boxes(results, records, root, float(cfg.cluster.score_threshold),
                                    info={"source_file": str(path)})
     except ValueError as e:
-        raise StageError(f"{path}: {e}") from None
-    if results and not coco["annotations"]:
-        best = max(float(d["score"]) for d in results)
-        raise StageError(f"{path} holds {len(results):,} detections, but none scores >= cluster.score_threshold="
-                         f"{cfg.cluster.score_threshold} (the best scores {best:.2f}): lower cluster.score_threshold")
+        raise StageError(f"{path}: {str(e).replace('score_threshold', 'cluster.score_threshold')}") from None
     return coco, root, path
 
 
@@ -105,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
     c = cfg.cluster
     in_path = _input_path(cfg)
     producer = "" if c.boxes else (" (written by `make mine`)" if c.source == "lost" else " (written by `make train-cag`)")
-    return run_stage(cfg, stage="cluster", artifact=_artifact(cfg, in_path), report=_report(cfg), outputs=OUTPUTS,
+    return run_stage(cfg, stage="cluster", artifact=_artifact(cfg, in_path), outputs=OUTPUTS,
+                     report={"viz": {"gallery_size": int(cfg.viz.gallery_size), "thumb": int(cfg.viz.thumb)}},
                      inputs={"input.boxes": f"the input {in_path}{producer}"}, produce=lambda out: _cluster(cfg, out),
                      redo_report=lambda d, _changes: _redraw_galleries(cfg, d),
                      redo_says="redrawing the galleries; pseudo_labels.json is unchanged",

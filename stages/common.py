@@ -13,8 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import runtime
 from pipeline.lifecycle import Produced  # noqa: F401 - what a stage's work returns to run_stage
-from pipeline.runtime import Timer, export_submitit_distributed_env, warn_random  # noqa: F401 - used by the stages
-
+from pipeline.runtime import warn_random
 
 
 class StageError(Exception):
@@ -36,17 +35,10 @@ def resolve_device(name: str) -> str:
 
 
 def dataset_identity(cfg: DictConfig) -> dict:
-    """The dataset settings that decide which images and annotations a stage reads, with paths resolved (an
-    absolute and a relative path to one folder are the same data) and without ``max_images`` (results are
-    per image: a grown image set is the same configuration)."""
-    import os
+    """:func:`pipeline.data.settings.dataset_identity` of the configured dataset."""
+    from pipeline.data.settings import dataset_identity as identity
 
-    d = to_container(cfg.dataset)
-    d.pop("max_images", None)
-    for key in ("root", "ann_file", "image_dir", "list_file"):
-        if d.get(key):
-            d[key] = os.path.realpath(os.path.expanduser(str(d[key])))
-    return d
+    return identity(to_container(cfg.dataset))
 
 
 def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
@@ -79,19 +71,11 @@ def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
 
 
 def coco_image_root(cfg: DictConfig, coco: dict, *, override=None, fallback: Path | None = None) -> Path:
-    """Where a COCO box file's ``file_name``s live: ``override``; else its ``info.image_root`` when that
-    folder exists; else, when the data moved since mining (or there is no ``fallback``), the configured
-    dataset's image root; else ``fallback``."""
-    if override:
-        return Path(str(override))
-    root = (coco.get("info") or {}).get("image_root")
-    if root and Path(root).is_dir():
-        return Path(root)
-    if root or fallback is None:
-        from pipeline.data.paths import records_root
+    """:func:`pipeline.data.paths.box_file_image_root` with the configured dataset's image root."""
+    from pipeline.data.paths import box_file_image_root, records_root
 
-        return Path(records_root(build_dataset_from_cfg(cfg).records))
-    return fallback
+    return box_file_image_root(coco, override=override, fallback=fallback,
+                               dataset_root=lambda: records_root(build_dataset_from_cfg(cfg).records))
 
 
 def build_dataset_from_cfg(cfg: DictConfig, quiet: bool = False):
@@ -102,16 +86,8 @@ def build_dataset_from_cfg(cfg: DictConfig, quiet: bool = False):
         d.kind, str(d.root), image_set=d.image_set or "trainval", ann_file=d.ann_file, image_dir=d.image_dir,
         list_file=d.list_file, name=d.name, max_images=d.max_images,
     )
-    if getattr(ds, "skipped_hidden", 0) and not quiet:
-        print(f"{ds.name}: skipped {ds.skipped_hidden} hidden file(s) (names or folders starting with '.', e.g. "
-              "the ._ files macOS leaves on shared drives)", flush=True)
-    other = getattr(ds, "skipped_unsupported", None)
-    if other and not quiet:
-        kinds = ", ".join(f"{n} {suffix}" for suffix, n in other.items())
-        from pipeline.data.folder import IMAGE_EXTENSIONS
-
-        print(f"{ds.name}: skipped {sum(other.values())} file(s) that are not images of a supported kind ({kinds}); "
-              f"supported: {' '.join(IMAGE_EXTENSIONS)} (convert the others to PNG or JPEG to mine them)", flush=True)
+    for note in [] if quiet else ds.skipped_notes():
+        print(note, flush=True)
     return ds
 
 

@@ -21,6 +21,7 @@ from pipeline.clustering.settings import ClusteringSettings
 from pipeline.data.settings import DatasetSettings
 from pipeline.detection.recipe import TrainRecipe
 from pipeline.detection.schedule import Schedule
+from pipeline.detection.self_training import SelfTrainSettings
 from pipeline.detection.settings import DetectorSettings
 from pipeline.discovery import MINERS
 from pipeline.evaluation.hungarian import IOU_THRESHOLDS
@@ -118,6 +119,7 @@ class PipelineConf(RunSettings, _Groups):
     cluster: ClusterConf = field(default_factory=ClusterConf)
     train_cag: TrainCagConf = field(default_factory=TrainCagConf)
     train_cad: TrainCadConf = field(default_factory=TrainCadConf)
+    self_train: SelfTrainSettings = field(default_factory=SelfTrainSettings)
     evaluate_cag: EvaluateCagConf = field(default_factory=EvaluateCagConf)
     evaluate_cad: EvaluateCadConf = field(default_factory=EvaluateCadConf)
     eval: EvalSettings = field(default_factory=EvalSettings)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline.data.coco import load_coco
 from pipeline.detection.evaluate import cached_detections, evaluate_clusters
 from pipeline.evaluation.detections import ap_mode
 from stages.common import StageError, build_dataset_from_cfg, run_guarded, to_container
@@ -28,8 +29,6 @@ _HINT = "Run `make train-cad` first, or pass evaluate_cad.detections=<COCO resul
 def load_gt(cfg: DictConfig):
     """(records, class names, description) from ``gt`` (a COCO instances json) or the configured dataset."""
     if cfg.evaluate_cad.gt:
-        from pipeline.data.coco import load_coco
-
         gt = Path(str(cfg.evaluate_cad.gt))
         ds = load_coco(gt.parent, ann_file=str(gt), image_dir=str(gt.parent), name=gt.stem)
         return ds.records, ds.class_names, str(gt)

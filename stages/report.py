@@ -24,7 +24,7 @@ from stages.locations import layout_of
 def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
     """Build the report; ``overrides``: the command line's Hydra overrides (the experiment's ARGS, repeated
     in the commands the report suggests; None: ARGS naming the dataset, backbone and output root)."""
-    from pipeline.report import build_report
+    from pipeline.report import build_report, format_report_summary
     from pipeline.status import dataset_facts
     from stages.common import build_dataset_from_cfg
 
@@ -35,17 +35,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict:
     summary = build_report(Path(cfg.base_dir), Path(cfg.stage_dir), dataset=d, layout=layout_of(cfg),
                            max_pictures=int(cfg.report.max_pictures), n_worst=int(cfg.report.worst),
                            args=overrides, **facts)
-    prov = summary["provenance"]
-    print(f"report: {summary['index']}", flush=True)
-    print(f"sections: {', '.join(summary['sections'])}", flush=True)
-    if prov["missing"]:
-        print("missing stages: " + ", ".join(f"{m['stage']} ({m['run']})" for m in prov["missing"]), flush=True)
-    for row in prov["stages"]:
-        if row["state"] in ("stale", "partial", "failed"):
-            print(f"{row['label']} {row['stage']}: {'; '.join(row['changed']) or row['detail']}; "
-                  f"run: {row['command']}", flush=True)
-    if summary["random_init"]:
-        print("[RANDOM WEIGHTS: the report shows a smoke test, not results]", flush=True)
+    print(format_report_summary(summary), flush=True)
     return summary
 
 

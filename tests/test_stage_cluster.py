@@ -103,7 +103,7 @@ def test_a_threshold_above_every_detection_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_guarded(run, cfg)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err == (f"error: {tmp_path / 'dets.json'} holds 3 detections, but none scores >= "
+    assert e.value.code == 2 and err == (f"error: {tmp_path / 'dets.json'}: it holds 3 detections, but none scores >= "
                                          "cluster.score_threshold=0.7 (the best scores 0.49): lower "
                                          "cluster.score_threshold")
 

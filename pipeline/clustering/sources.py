@@ -18,6 +18,8 @@ def detections_to_boxes(results: Sequence[dict], records: Iterable[ImageRecord],
     Annotations keep ``score`` and the detector's ``category_id`` as ``source_category_id``; their
     own category is 1 (``object``). Images without a kept detection stay in ``images``.
     """
+    if not isinstance(results, list):
+        raise ValueError("expected a COCO results list [{image_id, bbox, score, ...}, ...]")
     records = list(records)
     by_coco = {int(r.coco_id): r for r in records}
     images = [{"id": int(r.coco_id), "file_name": os.path.relpath(r.path, image_root),
@@ -34,6 +36,10 @@ def detections_to_boxes(results: Sequence[dict], records: Iterable[ImageRecord],
             anns.append({"image_id": int(d["image_id"]), "bbox_xyxy": xywh_to_xyxy([d["bbox"]])[0].tolist(),
                          "category_id": 1, "score": float(d["score"]),
                          "source_category_id": int(d.get("category_id", 1))})
+    if results and not anns:
+        best = max(float(d["score"]) for d in results)
+        raise ValueError(f"it holds {len(results):,} detections, but none scores >= score_threshold={score_threshold} "
+                         f"(the best scores {best:.2f}): lower score_threshold")
     meta = {"description": f"detections with score >= {score_threshold}", "score_threshold": score_threshold,
             "image_root": str(image_root), **(info or {})}
     return coco_boxes_dataset(images, anns, info=meta)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 def resolve_image_path(file_name: str | os.PathLike, image_root: str | os.PathLike | None) -> Path:
@@ -26,3 +26,18 @@ def common_root(paths: Iterable[str | os.PathLike]) -> str:
 def records_root(records) -> str:
     """:func:`common_root` of the records' image paths (``pipeline.mining.image_root``)."""
     return common_root(r.path for r in records)
+
+
+def box_file_image_root(coco: dict, *, override: str | os.PathLike | None = None, fallback: Path | None = None,
+                        dataset_root: Callable[[], str | os.PathLike]) -> Path:
+    """Where a COCO box file's ``file_name``s live: ``override``; else its ``info.image_root`` when that folder
+    exists; else, when the data moved since mining (or there is no ``fallback``), ``dataset_root()`` (the
+    configured dataset's image root); else ``fallback``."""
+    if override:
+        return Path(override)
+    root = (coco.get("info") or {}).get("image_root")
+    if root and Path(root).is_dir():
+        return Path(root)
+    if root or fallback is None:
+        return Path(dataset_root())
+    return fallback

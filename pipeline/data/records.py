@@ -85,3 +85,16 @@ class Dataset:
     def has_masks(self) -> bool:
         """Some GT object has a mask (COCO instances; VOC and folders have none)."""
         return any(r.has_masks for r in self.records)
+
+    def skipped_notes(self) -> list[str]:
+        """What the user should hear about files of an image folder that were left out (one line each)."""
+        from pipeline.data.folder import IMAGE_EXTENSIONS
+
+        notes = [f"{self.name}: skipped {self.skipped_hidden} hidden file(s) (names or folders starting with '.', "
+                 "e.g. the ._ files macOS leaves on shared drives)"] if self.skipped_hidden else []
+        if self.skipped_unsupported:
+            kinds = ", ".join(f"{n} {suffix}" for suffix, n in self.skipped_unsupported.items())
+            notes.append(f"{self.name}: skipped {sum(self.skipped_unsupported.values())} file(s) that are not images "
+                         f"of a supported kind ({kinds}); supported: {' '.join(IMAGE_EXTENSIONS)} (convert the others "
+                         "to PNG or JPEG to mine them)")
+        return notes

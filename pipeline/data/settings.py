@@ -2,6 +2,7 @@
 what differs from these defaults); :func:`pipeline.data.build.build_dataset` takes them."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,3 +22,14 @@ class DatasetSettings(Settings):
     # mining only: shrink images whose longer side exceeds this (bicubic; boxes mapped back); None: never, as
     # the reference
     max_side: Optional[int] = None
+
+
+def dataset_identity(values: dict) -> dict:
+    """The dataset settings ``values`` that decide which images and annotations a stage reads, with paths resolved
+    (an absolute and a relative path to one folder are the same data) and without ``max_images`` (results are per
+    image: a grown image set is the same configuration)."""
+    d = {k: v for k, v in values.items() if k != "max_images"}
+    for key in ("root", "ann_file", "image_dir", "list_file"):
+        if d.get(key):
+            d[key] = os.path.realpath(os.path.expanduser(str(d[key])))
+    return d

@@ -234,3 +234,17 @@ def build_report(root: str | os.PathLike, out_dir: str | os.PathLike | None = No
         shutil.rmtree(work, ignore_errors=True)
     summary["index"] = str(out_dir / "index.html")
     return summary
+
+
+def format_report_summary(summary: dict) -> str:
+    """What `make report` prints of the summary :func:`build_report` returns: where the page is, its sections, the
+    stages that are missing or not up to date (with the command that brings each up to date)."""
+    prov = summary["provenance"]
+    lines = [f"report: {summary['index']}", f"sections: {', '.join(summary['sections'])}"]
+    if prov["missing"]:
+        lines.append("missing stages: " + ", ".join(f"{m['stage']} ({m['run']})" for m in prov["missing"]))
+    lines += [f"{row['label']} {row['stage']}: {'; '.join(row['changed']) or row['detail']}; run: {row['command']}"
+              for row in prov["stages"] if row["state"] in ("stale", "partial", "failed")]
+    if summary["random_init"]:
+        lines.append("[RANDOM WEIGHTS: the report shows a smoke test, not results]")
+    return "\n".join(lines)
