@@ -169,3 +169,6 @@ def test_r50_preset_builds_with_mask_r50_fpn_backbone(tmp_path):
     torch.save(sd, tmp_path / "dino.pth")
     dino = build_detector("cascade_mask_r50_fpn", 1, init="dino", weights=str(tmp_path / "dino.pth"), **SMALL)
     assert torch.equal(dino.state_dict()["backbone.body.layer4.2.conv3.weight"], sd["layer4.2.conv3.weight"])
+    boxes_only = build_detector("cascade_r50_fpn", 1, init="random", **SMALL)   # Cascade R-CNN without masks
+    assert isinstance(boxes_only.roi_heads, CascadeRoIHeads) and not boxes_only.roi_heads.has_mask()
+    assert not DetectorSettings("cascade_r50_fpn").masks and backbone(boxes_only) == backbone(cascade_model)

@@ -18,6 +18,7 @@ Presets (``num_classes`` = foreground classes, 1 for class-agnostic; the predict
   has masks; ``mask_r50_fpn`` loads the DINO ResNet-50 like ``r50_fpn``, ``mask_mobilenet_fpn`` is random only.
 - ``cascade_mask_r50_fpn`` / ``cascade_mask_mobilenet_fpn`` (CutLER's detector): the two mask presets with Cascade
   R-CNN box heads (:mod:`pipeline.detection.cascade`: three stages at IoU 0.5/0.6/0.7, class-agnostic boxes);
+  ``cascade_r50_fpn`` is ``r50_fpn`` with them and no mask head (CutLER's recipe on box-only pseudo-labels);
   the backbone is the mask preset's (same DINO keys), the mobilenet one has 256-wide stage heads, random only.
 
 How a detector is built (preset, init, weights, sizes, RoI sampling, NMS) is a :class:`DetectorSettings`, the
@@ -58,9 +59,10 @@ _RPN_TOPK = {  # (pre-NMS train, post-NMS train, pre-NMS test, post-NMS test)
     "mask_mobilenet_fpn": (2000, 2000, 1000, 1000),
     "cascade_mask_r50_fpn": (2000, 2000, 1000, 1000),
     "cascade_mask_mobilenet_fpn": (2000, 2000, 1000, 1000),
+    "cascade_r50_fpn": (2000, 2000, 1000, 1000),
 }
 # cascade presets: the box-head width of each of their three stages (the mobilenet one light, for CPU tests)
-_CASCADE_REPRESENTATION = {"cascade_mask_r50_fpn": 1024, "cascade_mask_mobilenet_fpn": 256}
+_CASCADE_REPRESENTATION = {"cascade_mask_r50_fpn": 1024, "cascade_mask_mobilenet_fpn": 256, "cascade_r50_fpn": 1024}
 # checkpoint prefix -> model prefix, per preset
 C4_KEY_MAP = {"conv1.": "backbone.conv1.", "bn1.": "backbone.bn1.", "layer1.": "backbone.layer1.",
               "layer2.": "backbone.layer2.", "layer3.": "backbone.layer3.", "layer4.": "roi_heads.box_head.res5."}
@@ -154,7 +156,7 @@ def build_detector(preset: str | DetectorSettings, num_classes: int = 1, *, seed
         if preset == "r50_c4":
             model = _build_c4(num_classes, norm, topk, **kw)
             key_map = C4_KEY_MAP
-        elif preset in ("r50_fpn", "mask_r50_fpn", "cascade_mask_r50_fpn"):
+        elif preset in ("r50_fpn", "mask_r50_fpn", "cascade_mask_r50_fpn", "cascade_r50_fpn"):
             backbone = resnet_fpn_backbone(
                 backbone_name="resnet50", weights=None, trainable_layers=3 if pretrained else 5,
                 norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, List, Optional, Sequence
 
 PRESETS = ("r50_c4", "r50_fpn", "mobilenet_fpn", "mask_r50_fpn", "mask_mobilenet_fpn", "cascade_mask_r50_fpn",
-           "cascade_mask_mobilenet_fpn")
+           "cascade_mask_mobilenet_fpn", "cascade_r50_fpn")
 # Mask R-CNN: a mask head beside the box head (the cascade_ ones: Cascade Mask R-CNN, three box stages)
 MASK_PRESETS = ("mask_r50_fpn", "mask_mobilenet_fpn", "cascade_mask_r50_fpn", "cascade_mask_mobilenet_fpn")
 RANDOM_ONLY = ("mobilenet_fpn", "mask_mobilenet_fpn", "cascade_mask_mobilenet_fpn")  # no DINO MobileNet exists
