@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU session check (at most ~8 minutes): CUDA tests, CUDA-vs-CPU box parity on the VOC07 fixture,
-# mining throughput at batch 1/16/64 in float32 and bf16, detector training throughput (AMP), then one
-# summary table. Random weights throughout (speed does not depend on them). Installs nothing beyond
+# mining throughput at batch 1/16/64 in float32 and bf16, detector training throughput (AMP; CutLER's Cascade Mask
+# R-CNN beside Mask R-CNN), one self-training prediction pass, then one summary table. Random weights throughout (speed does not depend on them). Installs nothing beyond
 # `make install`. A failed or timed-out step is recorded and the script goes on to the summary.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root
@@ -43,11 +43,18 @@ if [[ ! -x "$PY" ]]; then echo "no python at $PY after make install"; fi
 step gpu_info 15 "$PY" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), \
 'bf16', torch.cuda.is_bf16_supported())"
 step cuda_tests 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_batched.py tests/test_lost.py \
-  tests/test_dinoseg.py -k cuda
+  tests/test_dinoseg.py tests/test_cut_solver.py -k cuda
 step parity 80 "$PY" benchmarks/cuda_parity.py --images 60 --batch 16 --precisions fp32 bf16
 step mine_fp32 70 "$PY" benchmarks/mine_throughput.py --device cuda --images 60 --batch 1 16 64 --precision fp32
 step mine_bf16 60 "$PY" benchmarks/mine_throughput.py --device cuda --images 60 --batch 1 16 64 --precision bf16
 step train_amp 90 "$PY" benchmarks/train_throughput.py --device cuda --presets r50_c4 r50_fpn --iters 10 --warmup 3
+step train_cascade 60 "$PY" benchmarks/train_throughput.py --device cuda --presets cascade_mask_r50_fpn mask_r50_fpn \
+  --iters 10 --warmup 3
+step self_train_pass 45 "$PY" benchmarks/self_train_pass.py --device cuda --preset cascade_mask_r50_fpn --images 16
+# the normalized cut's solver=torch on the GPU vs scipy on the CPU: one cut at 3,600 tokens, agreement of boxes
+# and masks on synthetic objects (1,600 tokens) and on 20 fixture images (ViT-S/16 at 480: 900 tokens)
+step cut_solver 75 "$PY" benchmarks/cut_solver.py --device cuda --repeats 3 --no-dense --synthetic 10 \
+  --synthetic-side 40 --arch dino_vits16 --images 20
 
 echo
 echo "================================ summary ================================"
@@ -62,6 +69,10 @@ for p in fp32 bf16; do
   grep -E '^(run|batch=|  peak)' "$LOG_DIR/mine_$p.log" 2>/dev/null || true
 done
 echo "-- training (AMP, random weights; iterations/s = 1 / s/iter)"
-grep -E '^(preset|r50)' "$LOG_DIR/train_amp.log" 2>/dev/null | \
-  awk 'NR==1 {print $0 "   iter/s"; next} {printf "%s   %.2f\n", $0, 1/$3}' || true
+cat "$LOG_DIR/train_amp.log" "$LOG_DIR/train_cascade.log" 2>/dev/null | grep -E '^(preset|r50|mask|cascade)' | \
+  awk '/^preset/ {if (!h++) print $0 "   iter/s"; next} {printf "%s   %.2f\n", $0, 1/$3}' || true
+echo "-- self-training prediction pass (CutLER's detector, COCO fixture images)"
+grep -E '^self-training pass' "$LOG_DIR/self_train_pass.log" 2>/dev/null || true
+echo "-- normalized cut: solver=torch on the GPU vs scipy on the CPU (one cut; agreement of boxes and masks)"
+grep -E '^  (exact|torch|λ|synthetic|VOC07|  +one cut)' "$LOG_DIR/cut_solver.log" 2>/dev/null || true
 echo "logs: $LOG_DIR   total $(( $(date +%s) - START )) s"

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.detection.builders import PRESETS, build_detector  # noqa: E402
+from pipeline.detection.settings import DetectorSettings  # noqa: E402
 from pipeline.detection.trainer import param_groups  # noqa: E402
 
 
@@ -29,9 +30,12 @@ def bench(preset: str, device: torch.device, batch: int, size: int, iters: int, 
     g = torch.Generator().manual_seed(0)
     h, w = size, int(size * 4 / 3)
     images = [torch.rand(3, h, w, generator=g).to(device) for _ in range(batch)]
-    targets = [{"boxes": torch.tensor([[w * 0.1, h * 0.2, w * 0.6, h * 0.9], [w * 0.5, h * 0.1, w * 0.9, h * 0.5]],
-                                      device=device), "labels": torch.ones(2, dtype=torch.int64, device=device)}
-               for _ in range(batch)]
+    boxes = torch.tensor([[w * 0.1, h * 0.2, w * 0.6, h * 0.9], [w * 0.5, h * 0.1, w * 0.9, h * 0.5]], device=device)
+    masks = torch.zeros(2, h, w, dtype=torch.uint8, device=device)  # the mask presets: each box filled
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.round().int().tolist()):
+        m[y0:y1, x0:x1] = 1
+    targets = [{"boxes": boxes, "labels": torch.ones(2, dtype=torch.int64, device=device),
+                **({"masks": masks} if DetectorSettings(preset).masks else {})} for _ in range(batch)]
 
     def step():
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -78,10 +82,10 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; batch {batch}, images {size}x{int(size * 4 / 3)}, {iters} timed steps after {warmup}, "
           f"amp={amp}")
-    print(f"{'preset':<15}{'images/s':>10}{'s/iter':>10}{'peak GiB':>10}")
+    print(f"{'preset':<27}{'images/s':>10}{'s/iter':>10}{'peak GiB':>10}")
     for preset in a.presets:
         r = bench(preset, device, batch, size, iters, warmup, amp)
-        print(f"{r['preset']:<15}{r['images_per_s']:>10.2f}{r['sec_per_iter']:>10.3f}{r['peak_gib']:>10.2f}", flush=True)
+        print(f"{r['preset']:<27}{r['images_per_s']:>10.2f}{r['sec_per_iter']:>10.3f}{r['peak_gib']:>10.2f}", flush=True)
     if not cuda:
         print("(CPU peak memory is the process's maximum resident set size, cumulative over presets)")
 
