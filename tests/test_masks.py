@@ -8,6 +8,7 @@ import torch
 from pipeline.data.records import ImageRecord
 from pipeline.discovery import boxes_of
 from pipeline.discovery.dinoseg import dinoseg
+from pipeline.discovery.found import found
 from pipeline.discovery.lost import lost
 from pipeline.discovery.maskcut import maskcut
 from pipeline.discovery.tokencut import tokencut
@@ -62,6 +63,8 @@ MINERS = {
     "tokencut": lambda f, dims, p, size: tokencut(f, dims, p, size, max_boxes=2),
     "maskcut": lambda f, dims, p, size: maskcut(f, dims, p, size, num_objects=3),
     "dinoseg": lambda f, dims, p, size: dinoseg(torch.stack([f[:, 0].abs()] * 2), dims, p, size, head=1),
+    "found": lambda f, dims, p, size: found(f, torch.stack([f[:, 0].abs(), f[:, 1].abs()]), dims, p, size,
+                                            head="none", mode="multi"),
 }
 
 

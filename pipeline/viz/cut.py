@@ -59,6 +59,26 @@ def cut_keys(result, gt_boxes=None) -> list[Key]:
             Key(EXPANSION_RGB, "foreground side"), *mining_keys(result, gt_boxes), *more]
 
 
+def boxes_panel(image: np.ndarray, result, patch_size: int, gt_boxes, k: int) -> tuple[Image.Image, int]:
+    """The first panel of a several-box picture, ``image`` enlarged ``k`` times: the first box red with its mask
+    (:func:`pipeline.viz.mining.mining_overlay`: the rest dimmed, the seed patch yellow), later boxes numbered in
+    rank order with their masks translucent in a colour each, GT boxes green; and how many boxes were not drawn."""
+    H, W = image.shape[:2]
+    Hk, Wk, patch = H * k, W * k, patch_size * k
+    lw = line_width(Hk, Wk)
+    left, skipped = mining_overlay(image, result, patch_size, gt_boxes, zoom=k)
+    later = list(getattr(result, "boxes", [result.box]))[1:]
+    later_masks = list(getattr(result, "masks", None) or [])[1:]
+    if later_masks:  # the later objects' masks, translucent, a colour each (the first is the component)
+        tinted = np.asarray(left).astype(np.float32)
+        tint_masks(tinted, [upsample_grid(np.asarray(m, dtype=bool), patch, Hk, Wk) for m in later_masks],
+                   outline=max(1, lw // 2))
+        left = Image.fromarray(np.clip(tinted, 0, 255).astype(np.uint8))
+    skipped += draw_boxes(left, scale_boxes(later, k), PRED, lw,
+                          labels=[str(rank) for rank in range(2, len(later) + 2)], label_colour=SEED)
+    return left, skipped
+
+
 def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: str = "") -> Image.Image:
     """Three panels of ``image`` (H, W, 3 uint8), each enlarged by :func:`panel_zoom`, left to right:
 
@@ -76,16 +96,7 @@ def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: s
     k = panel_zoom(H, W)
     Hk, Wk, patch = H * k, W * k, patch_size * k
     lw = line_width(Hk, Wk)
-    left, skipped = mining_overlay(image, result, patch_size, gt_boxes, zoom=k)
-    later = list(getattr(result, "boxes", [result.box]))[1:]
-    later_masks = list(getattr(result, "masks", None) or [])[1:]
-    if later_masks:  # the later objects' masks, translucent, a colour each (the first is the component)
-        tinted = np.asarray(left).astype(np.float32)
-        tint_masks(tinted, [upsample_grid(np.asarray(m, dtype=bool), patch, Hk, Wk) for m in later_masks],
-                   outline=max(1, lw // 2))
-        left = Image.fromarray(np.clip(tinted, 0, 255).astype(np.uint8))
-    skipped += draw_boxes(left, scale_boxes(later, k), PRED, lw,
-                          labels=[str(rank) for rank in range(2, len(later) + 2)], label_colour=SEED)
+    left, skipped = boxes_panel(image, result, patch_size, gt_boxes, k)
 
     heat = draw_title(Image.fromarray(eigvec_heatmap(result.eigvec, patch, (Hk, Wk))), "eigenvector")
 
