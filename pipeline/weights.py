@@ -1,7 +1,7 @@
-"""Reading weight files: one reader and one error for every model of the pipeline (DINO ViTs, DINO
-ResNet-50 backbones and the detectors' ResNet-50 initialisation).
+"""Reading weight files: one reader and one error for every model of the pipeline (DINO and DINOv2 ViTs,
+DINO ResNet-50 backbones and the detectors' ResNet-50 initialisation).
 
-Accepted forms, normalised to the model's own key names: a plain state dict (the official DINO
+Accepted forms, normalised to the model's own key names: a plain state dict (the official DINO or DINOv2
 release, torchvision or timm format); DINO's full training checkpoint (``{"teacher", "student", ...}``:
 the teacher is used); a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper; ``module.`` (DDP) and
 ``backbone.`` prefixes are stripped; projection/classifier heads (``head.*``, and ``fc.*`` for a

@@ -20,9 +20,9 @@ INITS = ("pretrained", "random")
 
 @dataclass
 class FeatureOutput:
-    """Patch features of a batch: ``feats`` (B, h*w, D) float32, row-major patches, CLS dropped;
-    ``dims`` = (h, w); ``cls_attn`` (B, heads, h*w): last block's CLS->patch attention (softmax over
-    all tokens incl. CLS) or None."""
+    """Patch features of a batch: ``feats`` (B, h*w, D) float32, row-major patches, CLS (and DINOv2's
+    registers) dropped; ``dims`` = (h, w); ``cls_attn`` (B, heads, h*w): last block's CLS->patch attention
+    (softmax over all tokens incl. CLS and registers, the patch columns kept) or None."""
 
     feats: Tensor
     dims: tuple[int, int]
@@ -40,6 +40,8 @@ class Backbone:
         self.patch_size = spec.patch_size
         self.embed_dim = spec.embed_dim
         self.num_heads = spec.num_heads
+        #: tokens before the patch grid (CLS + registers): dropped from every feature and attention row
+        self.num_prefix_tokens = spec.num_prefix_tokens
         self.init = init
         self.weights_path = weights_path
         self.weights_sha256 = weights_sha256
@@ -104,7 +106,8 @@ class Backbone:
     # ------------------------------------------------------------------ features
     @torch.no_grad()
     def features(self, img: Tensor, which: str = "k", with_cls_attn: bool = False) -> FeatureOutput:
-        """Last-block keys/queries/values (heads concatenated) or output tokens, CLS dropped."""
+        """Last-block keys/queries/values (heads concatenated) or output tokens (before the final norm), CLS
+        and registers dropped."""
         if which not in FEATURES:
             raise ValueError(f"unknown feature {which!r}; choose one of {FEATURES}")
         img, dims = self._check(img)
@@ -114,7 +117,7 @@ class Backbone:
             return self._vit_features(img, dims, which, with_cls_attn)
 
     def _vit_features(self, img: Tensor, dims, which: str, with_cls_attn: bool) -> FeatureOutput:
-        m = self.model
+        m, skip = self.model, self.num_prefix_tokens
         fused = self.precision != "fp32"  # reduced precision: PyTorch's fused SDPA attention
         saved = [blk.attn.fused_attn for blk in m.blocks]
         self._qkv = None
@@ -126,7 +129,7 @@ class Backbone:
             if which == "tokens":
                 for blk in m.blocks:
                     x = blk(x)
-                feats = x[:, 1:]
+                feats = x[:, skip:]
             else:  # k/q/v only need the last block's qkv: stop there
                 for blk in m.blocks[:-1]:
                     x = blk(x)
@@ -143,7 +146,7 @@ class Backbone:
         heads, d = self.num_heads, self.embed_dim
         qkv = qkv.reshape(b, n1, 3, heads, d // heads)
         if which != "tokens":
-            feats = qkv[:, 1:, "qkv".index(which)].reshape(b, n1 - 1, d)
+            feats = qkv[:, skip:, "qkv".index(which)].reshape(b, n1 - skip, d)
         cls_attn = self._cls_attention(qkv) if with_cls_attn else None
         return FeatureOutput(feats.float().contiguous(), dims, cls_attn)
 
@@ -189,21 +192,23 @@ class Backbone:
         return out  # type: ignore[return-value]
 
     def _cls_attention(self, qkv: Tensor) -> Tensor:
-        """DINO's attention ``softmax((q k^T) * scale)``, row of CLS, patch columns.
+        """DINO's attention ``softmax((q k^T) * scale)``, row of CLS, patch columns (the registers' columns
+        dropped: the softmax is over every token, as in the model).
 
         The full (N+1) x (N+1) product is formed, as DINO does, so the CLS row is bit-identical to
-        ``get_last_selfattention()[:, :, 0, 1:]`` (a 1-row product can round differently).
+        ``get_last_selfattention()[:, :, 0, 1:]`` (a 1-row product can round differently); for DINOv2 to
+        row 0 of its ``Attention``'s ``softmax((q * scale) @ k^T)`` (scale 1/8: the same bits).
         """
         q = qkv[:, :, 0].transpose(1, 2)          # (B, heads, N+1, hd)
         k = qkv[:, :, 1].transpose(1, 2)
         scale = q.shape[-1] ** -0.5
         attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, heads, N+1, N+1)
-        return attn[:, :, 0, 1:].float().contiguous()
+        return attn[:, :, 0, self.num_prefix_tokens:].float().contiguous()
 
     def _resnet_features(self, img: Tensor, dims, which: str, with_cls_attn: bool) -> FeatureOutput:
         if with_cls_attn:
             raise ValueError(f"dinoseg needs a ViT backbone: {self.arch} has no CLS attention "
-                             "(use arch=dino_vits16 or another dino_vit*)")
+                             "(use arch=dino_vits16 or another dino_vit* / dinov2_vit*)")
         if which in ("q", "v"):
             raise ValueError(f"{self.arch} has no queries/values; use feature 'k' or 'tokens' (layer4 output)")
         fmap = resnet_layer4(self.model, img)
@@ -215,7 +220,8 @@ class Backbone:
     # ------------------------------------------------------------------ global embedding
     @torch.no_grad()
     def embed(self, img: Tensor) -> Tensor:
-        """(B, D): final CLS token after the last norm (ViT); layer4 global average pool (ResNet)."""
+        """(B, D): final CLS token after the last norm (ViT; DINOv2's ``x_norm_clstoken``); layer4 global
+        average pool (ResNet)."""
         img, _ = self._check(img)
         with forward_context(self.precision, self.device):
             if self.spec.family == "resnet":
@@ -240,7 +246,7 @@ def build_backbone(arch: str, *, init: str = "pretrained", weights: str | os.Pat
                    weights_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                    seed: int = 0, device: str = "cpu", precision: str = "fp32",
                    force_precision: bool = False, compile: bool = False) -> Backbone:
-    """Build ``arch`` with seeded random init or DINO weights (file, weights dir, cache, download).
+    """Build ``arch`` with seeded random init or its official weights (file, weights dir, cache, download).
 
     ``init="random"`` touches no file (``weights``/``weights_dir``/``cache_dir`` are ignored) and is
     stamped as such by :meth:`Backbone.describe`. ``precision`` ("fp32" default and exact, or opt-in
