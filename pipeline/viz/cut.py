@@ -92,23 +92,31 @@ def draw_cut(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: s
     then the title and a legend line (:func:`pipeline.viz.style.finish_picture`). Any image size and any
     box can be drawn; the legend counts the boxes that could not be (those of the first panel).
     """
+    return three_panels(image, result, patch_size, gt_boxes, title, (result.eigvec, "eigenvector"),
+                        (result.bipartition, "bipartition"), cut_keys(result, gt_boxes))
+
+
+def three_panels(image: np.ndarray, result, patch_size: int, gt_boxes, title: str, heat: tuple, region: tuple,
+                 keys) -> Image.Image:
+    """The layout of a cut picture and of a FOUND picture: the boxes (:func:`boxes_panel`); ``heat`` = (an (h, w)
+    map, its caption) as a heat map; ``region`` = (an (h, w) patch mask, its caption) tinted, with the seed patch
+    and the first box; then the title and the legend ``keys``."""
     H, W = image.shape[:2]
     k = panel_zoom(H, W)
     Hk, Wk, patch = H * k, W * k, patch_size * k
     lw = line_width(Hk, Wk)
     left, skipped = boxes_panel(image, result, patch_size, gt_boxes, k)
-
-    heat = draw_title(Image.fromarray(eigvec_heatmap(result.eigvec, patch, (Hk, Wk))), "eigenvector")
+    heat_panel = draw_title(Image.fromarray(eigvec_heatmap(heat[0], patch, (Hk, Wk))), heat[1])
 
     img = zoom_image(image, k).astype(np.float32)
-    bip = upsample_grid(np.asarray(result.bipartition, dtype=bool), patch, Hk, Wk)
-    img[bip] = 0.45 * img[bip] + 0.55 * EXPANSION
-    img[upsample_grid(_patch_grid_mask([result.seed], np.shape(result.bipartition)), patch, Hk, Wk)] = SEED
+    mask = upsample_grid(np.asarray(region[0], dtype=bool), patch, Hk, Wk)
+    img[mask] = 0.45 * img[mask] + 0.55 * EXPANSION
+    img[upsample_grid(_patch_grid_mask([result.seed], np.shape(region[0])), patch, Hk, Wk)] = SEED
     part = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw_box_and_gt(part, scale_boxes(result.box, k), scale_boxes(gt_boxes, k), lw)  # counted on the left
-    draw_title(part, "bipartition")
+    draw_title(part, region[1])
 
     sheet = Image.new("RGB", (3 * Wk + 2 * GAP, Hk), (24, 24, 24))
-    for i, panel in enumerate((left, heat, part)):
+    for i, panel in enumerate((left, heat_panel, part)):
         sheet.paste(panel, (i * (Wk + GAP), 0))
-    return finish_picture(sheet, title, cut_keys(result, gt_boxes), skipped, title_room=Wk)
+    return finish_picture(sheet, title, keys, skipped, title_room=Wk)

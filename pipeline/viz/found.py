@@ -17,11 +17,9 @@ import numpy as np
 from PIL import Image
 
 from pipeline.viz.boxes import as_boxes
-from pipeline.viz.cut import GAP, boxes_panel, eigvec_heatmap, panel_zoom
+from pipeline.viz.cut import three_panels
 from pipeline.viz.masks import PALETTE
-from pipeline.viz.mining import (EXPANSION, _patch_grid_mask, draw_box_and_gt, line_width, scale_boxes,
-                                 upsample_grid, zoom_image)
-from pipeline.viz.style import COMPONENT, GT, NEGATIVE, POSITIVE, PRED, SEED, ZERO, Key, draw_title, finish_picture
+from pipeline.viz.style import COMPONENT, GT, NEGATIVE, POSITIVE, PRED, SEED, ZERO, Key
 from pipeline.viz.style import EXPANSION as EXPANSION_RGB
 
 __all__ = ["draw_found", "found_map"]
@@ -50,24 +48,5 @@ def found_keys(result, gt_boxes=None) -> list[Key]:
 def draw_found(image: np.ndarray, result, patch_size: int, gt_boxes=None, title: str = "") -> Image.Image:
     """Three panels of ``image`` (H, W, 3 uint8) for a :class:`pipeline.discovery.found.FoundResult` (module
     docstring), the title and a legend line. Any image size and any box can be drawn."""
-    H, W = image.shape[:2]
-    k = panel_zoom(H, W)
-    Hk, Wk, patch = H * k, W * k, patch_size * k
-    lw = line_width(Hk, Wk)
-    left, skipped = boxes_panel(image, result, patch_size, gt_boxes, k)
-
-    values, caption = found_map(result)
-    heat = draw_title(Image.fromarray(eigvec_heatmap(values, patch, (Hk, Wk))), caption)
-
-    img = zoom_image(image, k).astype(np.float32)
-    bkg = upsample_grid(np.asarray(result.bkg_mask, dtype=bool), patch, Hk, Wk)
-    img[bkg] = 0.45 * img[bkg] + 0.55 * EXPANSION
-    img[upsample_grid(_patch_grid_mask([result.seed], np.shape(result.bkg_mask)), patch, Hk, Wk)] = SEED
-    back = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    draw_box_and_gt(back, scale_boxes(result.box, k), scale_boxes(gt_boxes, k), lw)  # counted on the left
-    draw_title(back, "background")
-
-    sheet = Image.new("RGB", (3 * Wk + 2 * GAP, Hk), (24, 24, 24))
-    for i, panel in enumerate((left, heat, back)):
-        sheet.paste(panel, (i * (Wk + GAP), 0))
-    return finish_picture(sheet, title, found_keys(result, gt_boxes), skipped, title_room=Wk)
+    return three_panels(image, result, patch_size, gt_boxes, title, found_map(result),
+                        (result.bkg_mask, "background"), found_keys(result, gt_boxes))
