@@ -134,7 +134,8 @@ def copy_paste(image: torch.Tensor, target: dict, source_image: torch.Tensor, so
     it, as Ghiasi et al. paste a rescaled image), clipped at the border; pixels under the pasted masks are the
     source's, the rest unchanged. Every box is recomputed as its mask's extent; an object whose mask the paste
     empties is removed (box, label, mask), as is a pasted one left without pixels (clipped away). An object whose
-    mask was empty before keeps its box. Keys other than boxes/labels/masks (``image_id``) pass through. The
+    mask was empty before keeps its box; ``scores`` (when the destination has them) follow their objects (a
+    source without them: 1.0). Other keys (``image_id``) pass through. The
     inputs are not modified. Pure and deterministic."""
     _check_sample(image, target, "destination")
     _check_sample(source_image, source_target, "source")
@@ -168,6 +169,9 @@ def copy_paste(image: torch.Tensor, target: dict, source_image: torch.Tensor, so
     keep = has | ~had
     out = dict(target)
     out.update(boxes=boxes[keep], labels=labels[keep], masks=masks[keep].to(torch.uint8))
+    if "scores" in target:  # the pseudo-boxes' scores (score_weighting) follow their objects
+        ones = torch.ones(n_src, dtype=target["scores"].dtype)
+        out["scores"] = torch.cat([target["scores"], source_target.get("scores", ones)[select].to(ones.dtype)])[keep]
     return out_image, out
 
 

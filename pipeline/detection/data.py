@@ -16,7 +16,7 @@ R-CNN preset) every kept box must have one and samples carry ``"masks": (n, H, W
 RLE until a sample is read.
 
 Samples are ``(image float CHW in 0..1, {"boxes": (n, 4) float32 xyxy, "labels": (n,) int64,
-"image_id": int[, "masks"]})``. The index may be ``(i, flip)``: the sampler decides the horizontal flip, so
+"image_id": int, "scores": (n,) float32 (the annotations' ``score``, 1.0 without)[, "masks"]})``. The index may be ``(i, flip)``: the sampler decides the horizontal flip, so
 augmentation is a pure function of the sampling seed (exact resume, worker-independent).
 :class:`InfiniteSampler` yields that stream.
 """
@@ -117,7 +117,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         kept = [a for a, k in zip([a for a, k in zip(known, ok) if k], keep) if k]
         entry = {"image_id": int(img["id"]), "path": str(path), "width": w, "height": h,
                  "boxes": clipped[keep].astype(np.float32),
-                 "labels": np.array([label_of[int(a.get("category_id", 1))] for a in kept], dtype=np.int64)}
+                 "labels": np.array([label_of[int(a.get("category_id", 1))] for a in kept], dtype=np.int64),
+                 # each pseudo-box's score (VoteCut's soft target; 1.0 when the file has none): score_weighting
+                 "scores": np.array([float(a.get("score", 1.0)) for a in kept], dtype=np.float32)}
         if self.masks:
             entry["masks"] = [to_rle(a["segmentation"], h, w) for a in kept]
         return entry
@@ -134,7 +136,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         e = self.entries[int(i)]
         image = load_image(e["path"])
         boxes = torch.from_numpy(e["boxes"].copy())
-        target = {"labels": torch.from_numpy(e["labels"].copy()), "image_id": e["image_id"]}
+        target = {"labels": torch.from_numpy(e["labels"].copy()), "image_id": e["image_id"],
+                  "scores": torch.from_numpy(e["scores"].copy())}
         if self.masks:
             target["masks"] = torch.from_numpy(np.stack([decode_rle(m) for m in e["masks"]]).astype(np.uint8))
         if flip:

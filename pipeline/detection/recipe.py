@@ -1,5 +1,5 @@
-"""CutLER's training recipe on top of a detector's schedule (:class:`TrainRecipe`): DropLoss and copy-paste. Off
-by default (LOST's recipe); the CutLER presets turn them on. The train stages' config sections extend this class
+"""CutLER's training recipe on top of a detector's schedule (:class:`TrainRecipe`): DropLoss and copy-paste, and
+CuVLER's score weighting. Off by default (LOST's recipe); the CutLER presets turn DropLoss and copy-paste on. The train stages' config sections extend this class
 (``train_cag.drop_loss_iou`` ...), so its defaults live here only."""
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class TrainRecipe(Settings):
     # pasted with their masks (pipeline/detection/copy_paste.py; needs a mask detector and masks). 0: off
     copy_paste: float = 0.0
     copy_paste_scale: List[float] = field(default_factory=lambda: [0.3, 1.0])  # the pasted objects' scale range
+    # CuVLER's soft targets: each pseudo-box's class, box and mask losses weighted by its score (VoteCut's; 1.0 in
+    # files without scores), the RPN's not (pipeline/detection/score_weighting.py). false: off
+    score_weighting: bool = False
 
     def rules(self) -> list[tuple[str, bool, str]]:
         lo, hi = (list(self.copy_paste_scale) + [0, 0])[:2]

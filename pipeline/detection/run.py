@@ -272,7 +272,12 @@ def train_model(job: Job, spec: DetectorSpec, dataset: DetectionDataset) -> tupl
 
 def with_recipe(recipe: TrainRecipe, model, dataset: DetectionDataset, *, seed: int) -> tuple:
     """The model and training set as ``recipe`` asks: DropLoss in the box head (``drop_loss_iou``), copy-paste
-    on the samples (``copy_paste``, which needs the masks of a mask detector's training set)."""
+    on the samples (``copy_paste``, which needs the masks of a mask detector's training set), the pseudo-boxes'
+    scores as weights of their losses (``score_weighting``, before DropLoss, which then sets its threshold)."""
+    if recipe.score_weighting:
+        from pipeline.detection.score_weighting import with_score_weighting
+
+        model = with_score_weighting(model)
     if recipe.drop_loss_iou > 0:
         from pipeline.detection.droploss import with_drop_loss
 

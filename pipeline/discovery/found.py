@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.discovery.lost import as_feats, check_grid, grid_mask_box
+from pipeline.discovery.tokencut import FirstOfRanked
 
 SHIPPED = "shipped"                 # the authors' head, in found_head/ beside this module
 NONE = "none"                       # no head: the training-free background seed alone
@@ -150,7 +151,7 @@ def check_head_width(head: Optional[FoundHead], dim: int) -> None:
 
 # --------------------------------------------------------------------------------------------- the result
 @dataclass
-class FoundResult:
+class FoundResult(FirstOfRanked):
     """What FOUND found in one image (CPU numpy; patch indices row-major).
 
     ``boxes``: float64 (4,) xyxy pixel boxes, x2/y2 exclusive, ranked (largest component first);
@@ -174,18 +175,6 @@ class FoundResult:
     saliency: Optional[np.ndarray] = None
     bkg_th: float = 0.3
     degenerate: bool = False
-
-    @property
-    def box(self) -> np.ndarray:
-        return self.boxes[0]
-
-    @property
-    def score(self) -> float:
-        return self.scores[0]
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.masks[0]
 
 
 # ------------------------------------------------------------------------------------------ the algorithm
