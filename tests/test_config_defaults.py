@@ -48,7 +48,8 @@ def test_a_miner_default_is_its_algorithms_keyword_argument(monkeypatch, reload_
     for stage in STAGES:
         assert compose_cfg(stage, []).miner.k_patches == 55, stage
     assert dict(compose_cfg("mine", ["miner=maskcut"]).miner) == {
-        "name": "maskcut", "num_objects": 3, "tau": 0.15, "eps": 1e-5, "image_size": None, "crf": False}
+        "name": "maskcut", "num_objects": 3, "tau": 0.15, "eps": 1e-5, "solver": "scipy", "image_size": None,
+        "crf": False}
 
 
 def test_the_shipped_defaults():
@@ -58,7 +59,7 @@ def test_the_shipped_defaults():
                                  "batch_size": 32, "short_side": 256, "max_size": 1024, "source": "lost",
                                  "boxes": None, "score_threshold": 0.5, "run_name": "k20"}
     assert dict(compose_cfg("mine", ["miner=tokencut"]).miner) == {"name": "tokencut", "tau": 0.2, "eps": 1e-5,
-                                                                   "max_boxes": 1, "crf": False}
+                                                                   "max_boxes": 1, "solver": "scipy", "crf": False}
 
 
 # every library settings dataclass the config is typed with: (module, class, a field, another default, its key)

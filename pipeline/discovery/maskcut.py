@@ -58,15 +58,23 @@ Other choices where paper and code are silent or ambiguous:
 * Stage 0 degenerate: whole-image fallback of TokenCut (one box, score 0.0, ``degenerate = True``).
 
 Determinism: as TokenCut (see :mod:`pipeline.discovery.tokencut`); BLAS threads are pinned the same way.
+
+Solvers: ``solver="scipy"`` (default) is the exact path; ``"torch"`` solves each stage's graph with
+:func:`~pipeline.discovery.cut_solver.solve_cut_torch` on the features' device (see TokenCut's "Solvers"), and
+:func:`maskcut_batch` runs several same-size images stage by stage (:class:`MaskCutRun`), stage ``t`` of every
+image still going solved as one batch.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from pipeline.discovery.cut_solver import check_solver, graph_cuts
 from pipeline.discovery.lost import as_feats, check_grid, check_positive_int, grid_mask_box
-from pipeline.discovery.tokencut import (CutResult, binary_graph, check_graph_params,
-                                         fallback_result, orient, seed_component, solve_cut)
+from pipeline.discovery.tokencut import (CutResult, check_graph_params, fallback_result, graph_cut, orient,
+                                         seed_component)
 
 # the implementation's rejection thresholds (step 5)
 MAX_IOU_WITH_PREVIOUS = 0.5
@@ -103,58 +111,114 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def maskcut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size: tuple[int, int],
-            num_objects: int = 3, tau: float = 0.15, eps: float = 1e-5) -> CutResult:
+            num_objects: int = 3, tau: float = 0.15, eps: float = 1e-5, solver: str = "scipy") -> CutResult:
     """Run MaskCut (no CRF) on the patch features of one image; see the module docstring for each step.
 
     ``feats``: (N, D) last-block features (keys by default), N = h * w row-major, CLS dropped, a leading
     batch of 1 accepted; ``dims = (h, w)``; ``image_size = (H, W)`` of the unpadded image. Returns up to
     ``num_objects`` boxes in discovery order with their scores, stored masks and seeds; ``seed``,
-    ``eigvec``, ``bipartition`` and ``eigvals`` are those of the first cut.
+    ``eigvec``, ``bipartition`` and ``eigvals`` are those of the first cut. ``solver``: ``"scipy"``
+    (default, the exact path) or ``"torch"`` (the fast solve on the features' device, see
+    :mod:`pipeline.discovery.cut_solver`); :func:`maskcut_batch` runs several images' stages together.
     """
     F = as_feats(feats, "maskcut")
-    n = F.shape[0]
-    h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "maskcut")
-    tau, eps = check_graph_params(tau, eps, "maskcut")
-    check_positive_int("maskcut", "num_objects", num_objects)
+    run = MaskCutRun(F, dims, patch_size, image_size, num_objects, tau, eps, solver)
+    while not run.done:
+        run.step(graph_cut(run.stage_feats(), run.tau, run.eps, solver))
+    return run.result
 
-    painted = np.zeros((h, w), dtype=bool)  # union of the masks found so far
-    keep = torch.ones(n, 1, dtype=torch.float32, device=F.device)
-    previous = None
-    boxes, scores, masks, seeds = [], [], [], []
-    first = None  # (seed, eigvec, bipartition, eigvals) of stage 0
-    stop = "num_objects"
-    for t in range(int(num_objects)):
-        if t > 0:
-            keep = torch.from_numpy((~painted).reshape(n, 1).astype(np.float32)).to(F.device)
-        cut = solve_cut(binary_graph(F * keep, tau, eps))
+
+class MaskCutRun:
+    """One image's MaskCut, one stage at a time, so that several images' stages can be solved together:
+    ``stage_feats()`` gives the features of the next stage's graph (the found patches zeroed), ``step(cut)``
+    takes that graph's cut (``graph_cut`` of them) and advances; ``done`` and then ``result`` when finished."""
+
+    def __init__(self, F: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size: tuple[int, int],
+                 num_objects: int = 3, tau: float = 0.15, eps: float = 1e-5, solver: str = "scipy") -> None:
+        n = F.shape[0]
+        self.F, self.n = F, n
+        self.h, self.w, self.p, self.H, self.W = check_grid(n, dims, patch_size, image_size, "maskcut")
+        self.tau, self.eps = check_graph_params(tau, eps, "maskcut")
+        check_positive_int("maskcut", "num_objects", num_objects)
+        check_solver(solver, "maskcut")
+        self.num_objects = int(num_objects)
+        self.painted = np.zeros((self.h, self.w), dtype=bool)  # union of the masks found so far
+        self.previous = None
+        self.boxes, self.scores, self.masks, self.seeds = [], [], [], []
+        self.first = None  # (seed, eigvec, bipartition, eigvals) of stage 0
+        self.t = 0
+        self.done = False
+        self.result: CutResult | None = None
+
+    def stage_feats(self) -> torch.Tensor:
+        """Stage ``t``'s features: ``F`` with the patches of every earlier object set to zero."""
+        if self.t == 0:
+            keep = torch.ones(self.n, 1, dtype=torch.float32, device=self.F.device)
+        else:
+            keep = torch.from_numpy((~self.painted).reshape(self.n, 1).astype(np.float32)).to(self.F.device)
+        return self.F * keep
+
+    def step(self, cut) -> None:
+        h, w, n, t = self.h, self.w, self.n, self.t
         if cut.v is None:
             if t == 0:
-                res = fallback_result(h, w, H, W, cut.eigvals)
-                res.stop = "degenerate"
-                return res
-            stop = "degenerate"
-            break
+                self.result = fallback_result(h, w, self.H, self.W, cut.eigvals)
+                self.result.stop = "degenerate"
+                self.done = True
+                return
+            return self._finish("degenerate")
         v, bipartition, seed = orient_maskcut(cut.v, h, w)
         mask = seed_component(bipartition, seed)
         if t == 0:
-            first = (seed, v.reshape(h, w).copy(), bipartition, cut.eigvals)
+            self.first = (seed, v.reshape(h, w).copy(), bipartition, cut.eigvals)
         else:
-            if mask_iou(previous, mask) > MAX_IOU_WITH_PREVIOUS:
-                stop = "overlap"
-                break
+            if mask_iou(self.previous, mask) > MAX_IOU_WITH_PREVIOUS:
+                return self._finish("overlap")
             if mask.sum() / n <= MIN_AREA_FRACTION:
-                stop = "small"
-                break
-        stored = mask & ~painted
+                return self._finish("small")
+        stored = mask & ~self.painted
         if not stored.any():
-            stop = "empty"
+            return self._finish("empty")
+        self.boxes.append(grid_mask_box(stored, self.p, (self.H, self.W)))
+        self.scores.append(cut.score)
+        self.masks.append(stored)
+        self.seeds.append(seed)
+        self.painted |= mask
+        self.previous = mask
+        self.t += 1
+        if self.t == self.num_objects:
+            self._finish("num_objects")
+
+    def _finish(self, stop: str) -> None:
+        seed0, eigvec0, bip0, eigvals0 = self.first
+        self.result = CutResult(boxes=self.boxes, scores=self.scores, seed=seed0, eigvec=eigvec0,
+                                bipartition=bip0, masks=self.masks, seeds=self.seeds, eigvals=eigvals0,
+                                degenerate=False, stop=stop)
+        self.done = True
+
+
+def maskcut_batch(feats: torch.Tensor, dims: tuple[int, int], patch_size: int,
+                  image_sizes: Sequence[tuple[int, int]], num_objects: int = 3, tau: float = 0.15,
+                  eps: float = 1e-5, solver: str = "torch") -> list[CutResult]:
+    """MaskCut on ``B`` images of one patch grid (``feats`` (B, N, D)), stage by stage: stage ``t`` of every
+    image still running is one batch of graphs (``binary_graph_torch``, one ``F Fᵀ`` per image) solved
+    together by :func:`~pipeline.discovery.cut_solver.solve_cut_torch` on the features' device
+    (:func:`~pipeline.discovery.cut_solver.graph_cuts`: in chunks that bound the graphs' memory).
+    ``solver="scipy"`` solves the same graphs one at a time with the exact path. Each result is what
+    :func:`maskcut` gives for that image (with ``"torch"``: on a CPU; on a GPU, up to the rounding of batched
+    products)."""
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 3:
+        shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ValueError(f"maskcut_batch: feats must be (B, N, D) patch features of same-size images, got {shape}")
+    if len(image_sizes) != feats.shape[0]:
+        raise ValueError(f"maskcut_batch: {feats.shape[0]} feature maps but {len(image_sizes)} image sizes")
+    runs = [MaskCutRun(as_feats(f, "maskcut"), dims, patch_size, size, num_objects, tau, eps, solver)
+            for f, size in zip(feats, image_sizes)]
+    while True:
+        active = [r for r in runs if not r.done]
+        if not active:
             break
-        boxes.append(grid_mask_box(stored, p, (H, W)))
-        scores.append(cut.score)
-        masks.append(stored)
-        seeds.append(seed)
-        painted |= mask
-        previous = mask
-    seed0, eigvec0, bip0, eigvals0 = first
-    return CutResult(boxes=boxes, scores=scores, seed=seed0, eigvec=eigvec0, bipartition=bip0, masks=masks,
-                     seeds=seeds, eigvals=eigvals0, degenerate=False, stop=stop)
+        cuts = graph_cuts(torch.stack([r.stage_feats() for r in active]), active[0].tau, active[0].eps, solver)
+        for r, cut in zip(active, cuts):
+            r.step(cut)
+    return [r.result for r in runs]

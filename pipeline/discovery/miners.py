@@ -21,9 +21,13 @@ from typing import Any, Callable, ClassVar, Optional
 import numpy as np
 
 from pipeline.discovery.dinoseg import dinoseg
+from pipeline.discovery.found import NONE as FOUND_NO_HEAD
+from pipeline.discovery.found import check_found_params, check_head_width, found, load_head
 from pipeline.discovery.lost import check_positive_int, lost
-from pipeline.discovery.maskcut import maskcut
-from pipeline.discovery.tokencut import tokencut
+from pipeline.discovery.cut_solver import check_solver
+from pipeline.discovery.maskcut import maskcut, maskcut_batch
+from pipeline.discovery.tokencut import tokencut, tokencut_batch
+from pipeline.discovery.votecut import check_votecut_params, votecut
 from pipeline.masks import CRF_PACKAGE, crf_available
 
 
@@ -98,7 +102,7 @@ class Miner:
 
     #: parameters added after runs were recorded, with the value those runs had: left out of a run's identity
     #: at that value, so the earlier runs stay "up to date" (:meth:`recorded`)
-    unrecorded_defaults: ClassVar[dict[str, Any]] = {"crf": False}
+    unrecorded_defaults: ClassVar[dict[str, Any]] = {"crf": False, "solver": "scipy"}
 
     @classmethod
     def recorded(cls, params: dict) -> dict:
@@ -110,9 +114,10 @@ class Miner:
     def validate(self) -> None:
         """Check the parameters once (raise ValueError naming the parameter)."""
 
-    def check_backbone(self, num_heads: int) -> None:
+    def check_backbone(self, num_heads: int, embed_dim: int | None = None, feature: str | None = None) -> None:
         """Check the parameters against the backbone before any image is read (raise ValueError naming the
-        parameter); ``num_heads``: attention heads of its last block (0 for a CNN)."""
+        parameter); ``num_heads``: attention heads of its last block (0 for a CNN); ``embed_dim``: the width
+        of its features and ``feature`` which ones the miner gets (k, q, v, tokens), when known."""
 
     def __call__(self, output, image_size, index: int = 0):
         """Mine image ``index`` of a backbone :class:`~pipeline.backbones.FeatureOutput`."""
@@ -196,7 +201,7 @@ class DinoSegMiner(Miner):
         if not 0 < float(self.params["mass"]) <= 1:
             raise ValueError(f"dinoseg: mass must be in (0, 1], got {self.params['mass']!r}")
 
-    def check_backbone(self, num_heads: int) -> None:
+    def check_backbone(self, num_heads: int, embed_dim: int | None = None, feature: str | None = None) -> None:
         if num_heads == 0:
             raise ValueError("dinoseg: needs the CLS attention of a ViT; this backbone has no attention heads")
         if self.params["head"] >= num_heads:
@@ -209,11 +214,38 @@ def _check_cut(miner: str, params: dict) -> None:
         raise ValueError(f"{miner}: tau must be in (-1, 1) (a cosine similarity threshold), got {params['tau']!r}")
     if not float(params["eps"]) > 0:
         raise ValueError(f"{miner}: eps must be > 0, got {params['eps']!r}")
+    check_solver(params["solver"], miner)
+
+
+def _mine_cuts_batch(miner: Miner, batch_fn: Callable[..., list], outputs, image_sizes) -> list:
+    """``mine_batch`` of the normalized-cut miners: with ``solver="torch"`` the images of one patch grid (and
+    device) are solved together by ``batch_fn`` (``tokencut_batch``, ``maskcut_batch``); with the exact
+    ``"scipy"`` one image at a time, as ``Miner.mine_batch``."""
+    if miner.params["solver"] != "torch":
+        return Miner.mine_batch(miner, outputs, image_sizes)
+    import torch
+
+    if len(outputs) != len(image_sizes):
+        raise ValueError(f"{miner.name}: {len(outputs)} feature outputs but {len(image_sizes)} image sizes")
+    groups: dict[tuple, list[int]] = {}
+    for i, o in enumerate(outputs):
+        if o.feats.shape[0] != 1:
+            raise ValueError(f"{miner.name}: output {i} holds {o.feats.shape[0]} images; pass one per image")
+        groups.setdefault((tuple(o.dims), tuple(o.feats.shape[1:]), o.feats.device), []).append(i)
+    results: list = [None] * len(outputs)
+    for idx in groups.values():
+        feats = torch.cat([outputs[i].feats for i in idx])
+        found = batch_fn(feats, outputs[idx[0]].dims, miner.patch_size, [image_sizes[i] for i in idx],
+                         **miner.params)
+        for i, r in zip(idx, found):
+            results[i] = r
+    return results
 
 
 class TokenCutMiner(Miner):
     """TokenCut (Wang et al., CVPR 2022): normalized cut of the patch-similarity graph (one box; ``max_boxes``
-    adds the next components of the bipartition)."""
+    adds the next components of the bipartition). ``solver``: "scipy" (exact, default) or "torch" (fast,
+    batched over same-size images on the features' device: :mod:`pipeline.discovery.cut_solver`)."""
     name = "tokencut"
     fn = staticmethod(tokencut)
 
@@ -221,10 +253,14 @@ class TokenCutMiner(Miner):
         _check_cut("tokencut", self.params)
         check_positive_int("tokencut", "max_boxes", self.params["max_boxes"])
 
+    def mine_batch(self, outputs, image_sizes) -> list:
+        return _mine_cuts_batch(self, tokencut_batch, outputs, image_sizes)
+
 
 class MaskCutMiner(Miner):
     """MaskCut (CutLER, Wang et al., CVPR 2023): up to ``num_objects`` repeated normalized cuts, several boxes.
-    ``image_size`` (optional) resizes the image to that square first, as MaskCut does (480)."""
+    ``image_size`` (optional) resizes the image to that square first, as MaskCut does (480). ``solver`` as
+    TokenCut's ("torch": every image's stage ``t`` solved in one batch)."""
     name = "maskcut"
     fn = staticmethod(maskcut)
     extra_parameters = {**Miner.extra_parameters, "image_size": None}
@@ -239,8 +275,78 @@ class MaskCutMiner(Miner):
             if int(size) < self.patch_size:
                 raise ValueError(f"maskcut: image_size={size} is smaller than one patch ({self.patch_size})")
 
+    def mine_batch(self, outputs, image_sizes) -> list:
+        return _mine_cuts_batch(self, maskcut_batch, outputs, image_sizes)
 
-MINERS: dict[str, type[Miner]] = {m.name: m for m in (LostMiner, DinoSegMiner, TokenCutMiner, MaskCutMiner)}
+
+class FoundMiner(Miner):
+    """FOUND (Siméoni et al., CVPR 2023): the background seed from the head-weighted CLS attention and the
+    authors' trained 1x1 head on the keys (``head``: "shipped", a head file, or "none" for the seed alone);
+    ``mode`` "single" (the largest component) or "multi" (every component, ranked). Needs the keys and the
+    CLS attention of every head. The head file is read once, here."""
+    name = "found"
+    needs = Needs(features=True, cls_attn=True)
+    fn = staticmethod(found)
+
+    def validate(self) -> None:
+        check_found_params(self.params["bkg_th"], self.params["mode"])
+        self.head = load_head(self.params["head"])
+
+    def check_backbone(self, num_heads: int, embed_dim: int | None = None, feature: str | None = None) -> None:
+        if num_heads == 0:
+            raise ValueError("found: needs the CLS attention of a ViT (its sparsity-weighted heads give the "
+                             "background seed); this backbone has no attention heads: use a dino_vit* backbone")
+        if embed_dim is not None:
+            check_head_width(self.head, embed_dim)
+        if feature is None:
+            return
+        if self.head is not None and feature != "k":
+            raise ValueError(f"found: the head ({self.params['head']}) was trained on keys, but the backbone gives "
+                             f"feature={feature}; use feature=k, or head={FOUND_NO_HEAD} (the background seed alone "
+                             "also works on q or v)")
+        if feature == "tokens":
+            raise ValueError("found: the background seed weights each attention head's slice of k, q or v; "
+                             "feature=tokens has no heads: use k, q or v")
+
+    def __call__(self, output, image_size, index: int = 0):
+        if getattr(output, "cls_attn", None) is None:
+            raise ValueError("miner 'found' needs the CLS attention of the last block, but the backbone returned "
+                             "none (cls_attn is None); use a DINO ViT backbone and ask it for CLS attention "
+                             "(with_cls_attn=miner.needs.cls_attn)")
+        p = self.params
+        return found(output.feats[index], output.cls_attn[index], output.dims, patch_size=self.patch_size,
+                     image_size=image_size, head=self.head, bkg_th=p["bkg_th"], mode=p["mode"])
+
+
+class VoteCutMiner(Miner):
+    """VoteCut (CuVLER, Arica et al., CVPR 2024): k-means of the normalized cut's eigenvectors, instance masks
+    voted by IoU into objects, each scored by its cluster's size over the largest's (the soft targets of
+    ``score_weighting``). ``image_size`` (480) resizes the image to that square first, as the reference.
+    ``backbones``: the ensemble of the reference; only one backbone (the configured one) for now."""
+    name = "votecut"
+    fn = staticmethod(votecut)
+    extra_parameters = {**Miner.extra_parameters, "image_size": 480, "backbones": None}
+    extra_types = {**Miner.extra_types, "image_size": Optional[int], "backbones": Optional[list[str]]}
+
+    def validate(self) -> None:
+        p = self.params
+        check_votecut_params(p["tau"], p["eps"], p["num_eigenvectors"], p["ks"], p["tau_m"], p["iou_threshold"],
+                             p["max_objects"], p["min_size"])
+        p["ks"] = tuple(int(k) for k in p["ks"])
+        size = p["image_size"]
+        if size is not None:
+            check_positive_int("votecut", "image_size", size)
+            if int(size) < self.patch_size:
+                raise ValueError(f"votecut: image_size={size} is smaller than one patch ({self.patch_size})")
+        if p.pop("backbones"):
+            raise ValueError("votecut: backbones (an ensemble) is not implemented yet: the mining loop computes "
+                             "one backbone's features per image. Leave backbones unset (null) and choose one "
+                             "backbone as for every miner: VoteCut then votes over that backbone's cuts (CuVLER's "
+                             "single-model variant)")
+
+
+MINERS: dict[str, type[Miner]] = {m.name: m for m in (LostMiner, DinoSegMiner, TokenCutMiner, MaskCutMiner,
+                                                      FoundMiner, VoteCutMiner)}
 
 
 def build_miner(name: str, patch_size: int, /, **params: Any) -> Miner:

@@ -42,6 +42,15 @@ took 0.33-0.5 s with one thread and 2.5-10 s with OpenBLAS's default two (its th
 Degenerate problems, where the second eigenvector is not unique and *any* BLAS difference could change
 it, fall back (below) instead of returning a BLAS-dependent cut.
 
+Solvers (``solver=``): ``"scipy"`` (default) is the exact path above, bit-identical to what it was before
+the option existed. ``"torch"`` (opt-in) builds the same graph on the features' device
+(:func:`~pipeline.discovery.cut_solver.binary_graph_torch`: the same float32 ``F Fᵀ``, so the same ``W``) and
+solves the same problem as the standard eigenproblem of ``I - D^-1/2 W D^-1/2`` by a float64 block Krylov
+method (:func:`~pipeline.discovery.cut_solver.solve_cut_torch`; dense ``torch.linalg.eigh`` where that does not
+converge or the gap is small), mapped back by ``D^-1/2`` to scipy's D-normalised ``v``. The vector agrees with
+scipy's to ~1e-9 or better, and its sign is as arbitrary, so step 4 applies unchanged; only a patch within that
+of the mean or of the seed's ``|v|`` can differ. :func:`tokencut_batch` solves several same-size images together.
+
 Deviations from the reference, all in cases where it crashes or returns an arbitrary vector:
 
 * ``N < 3`` patches: the reference's ``subset_by_index=[1, 2]`` raises; here: fallback.
@@ -60,12 +69,14 @@ the minimum of ``xᵀ(D - W)x / xᵀDx`` over ``x`` D-orthogonal to the constant
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import scipy.linalg
 import scipy.ndimage
 import torch
 
+from pipeline.discovery.cut_solver import binary_graph_torch, check_solver, graph_cuts, solve_cut_torch
 from pipeline.discovery.lost import as_feats, check_grid, check_positive_int, grid_mask_box
 
 # λ₃ - λ₂ at or below this counts as "no eigengap" (repeated λ₂, eigenvector not unique). The pencil
@@ -81,8 +92,24 @@ def blas_single_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
+class FirstOfRanked:
+    """``box``, ``score`` and ``mask`` of a result holding ranked ``boxes``, ``scores`` and ``masks``: the first's."""
+
+    @property
+    def box(self) -> np.ndarray:
+        return self.boxes[0]
+
+    @property
+    def score(self) -> float:
+        return self.scores[0]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.masks[0]
+
+
 @dataclass
-class CutResult:
+class CutResult(FirstOfRanked):
     """What TokenCut / MaskCut found in one image (CPU numpy; patch indices row-major).
 
     ``boxes``: float64 (4,) xyxy pixel boxes, x2/y2 exclusive, in rank order (MaskCut: order found);
@@ -106,18 +133,6 @@ class CutResult:
     eigvals: np.ndarray = field(default_factory=lambda: np.full(2, np.nan))
     degenerate: bool = False
     stop: str = ""
-
-    @property
-    def box(self) -> np.ndarray:
-        return self.boxes[0]
-
-    @property
-    def score(self) -> float:
-        return self.scores[0]
-
-    @property
-    def mask(self) -> np.ndarray:
-        return self.masks[0]
 
 
 @dataclass
@@ -167,6 +182,15 @@ def solve_cut(W: np.ndarray) -> Cut:
     return Cut(np.array(vecs[:, 0], dtype=np.float64), vals)
 
 
+def graph_cut(F: torch.Tensor, tau: float, eps: float, solver: str = "scipy") -> Cut:
+    """The binary graph of ``F`` (N, D) and its cut: ``solver="scipy"``: :func:`binary_graph` and
+    :func:`solve_cut` (the exact path); ``"torch"``: the same graph kept on ``F``'s device and
+    :func:`~pipeline.discovery.cut_solver.solve_cut_torch`."""
+    if solver == "torch":
+        return solve_cut_torch(binary_graph_torch(F, tau, eps))
+    return solve_cut(binary_graph(F, tau, eps))
+
+
 def orient(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """TokenCut's step 4 on an eigenvector ``v`` (N,): ``(v, bipartition, seed)`` with ``bipartition =
     v > sum(v) / N`` and ``seed = argmax |v|`` (first on ties); when the seed is not in the bipartition,
@@ -195,12 +219,16 @@ def fallback_result(h: int, w: int, H: int, W: int, eigvals: np.ndarray) -> CutR
 
 
 def tokencut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_size: tuple[int, int],
-             tau: float = 0.2, eps: float = 1e-5, max_boxes: int = 1) -> CutResult:
+             tau: float = 0.2, eps: float = 1e-5, max_boxes: int = 1, solver: str = "scipy") -> CutResult:
     """Run TokenCut on the patch features of one image (see the module docstring for every step).
 
     ``feats``: (N, D) last-block features (keys by default; q or v work the same), N = h * w patches
     row-major, CLS dropped, a leading batch of 1 accepted, CPU or CUDA; ``dims = (h, w)``;
     ``image_size = (H, W)`` of the unpadded image.
+
+    ``solver``: ``"scipy"`` (default, the reference's exact path: :func:`solve_cut`) or ``"torch"`` (the
+    fast solve on the features' device, :func:`pipeline.discovery.cut_solver.solve_cut_torch`: the same
+    eigenvector up to ~1e-9, so the same box except where a patch sits within that of a decision).
 
     ``max_boxes`` (default 1 = the reference): with ``k > 1`` the other 4-connected components of the
     same bipartition follow the seed's one, largest first (equal sizes: lowest label, i.e. first in
@@ -212,8 +240,12 @@ def tokencut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_
     h, w, p, H, W = check_grid(n, dims, patch_size, image_size, "tokencut")
     tau, eps = check_graph_params(tau, eps, "tokencut")
     check_positive_int("tokencut", "max_boxes", max_boxes)
+    check_solver(solver, "tokencut")
+    return finish_tokencut(graph_cut(F, tau, eps, solver), h, w, p, H, W, max_boxes)
 
-    cut = solve_cut(binary_graph(F, tau, eps))
+
+def finish_tokencut(cut: Cut, h: int, w: int, p: int, H: int, W: int, max_boxes: int = 1) -> CutResult:
+    """TokenCut's steps 4-5 on a solved cut (the bipartition, the seed, its component and the boxes)."""
     if cut.v is None:
         return fallback_result(h, w, H, W, cut.eigvals)
     v, bipartition, seed = orient(cut.v)
@@ -237,3 +269,27 @@ def tokencut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_
             seeds.append(int(flat[np.argmax(np.abs(v[flat]))]))
     return CutResult(boxes=boxes, scores=scores, seed=seed, eigvec=v.reshape(h, w).copy(), bipartition=bip,
                      masks=masks, seeds=seeds, eigvals=cut.eigvals, degenerate=False)
+
+
+def tokencut_batch(feats: torch.Tensor, dims: tuple[int, int], patch_size: int,
+                   image_sizes: Sequence[tuple[int, int]], tau: float = 0.2, eps: float = 1e-5,
+                   max_boxes: int = 1, solver: str = "torch") -> list[CutResult]:
+    """TokenCut on ``B`` images of one patch grid (``feats`` (B, N, D), CPU or CUDA): the graphs built on the
+    features' device (one ``F Fᵀ`` per image) and solved together
+    (:func:`~pipeline.discovery.cut_solver.graph_cuts`), each image finished on the CPU. Each result is what
+    :func:`tokencut` gives for that image (``solver="scipy"``: bit for bit; ``"torch"``: on a CPU; on a GPU,
+    up to the rounding of batched products)."""
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 3:
+        shape = tuple(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
+        raise ValueError(f"tokencut_batch: feats must be (B, N, D) patch features of same-size images, got {shape}")
+    if len(image_sizes) != feats.shape[0]:
+        raise ValueError(f"tokencut_batch: {feats.shape[0]} feature maps but {len(image_sizes)} image sizes")
+    F = [as_feats(f, "tokencut") for f in feats]
+    grids = [check_grid(feats.shape[1], dims, patch_size, size, "tokencut") for size in image_sizes]
+    tau, eps = check_graph_params(tau, eps, "tokencut")
+    check_positive_int("tokencut", "max_boxes", max_boxes)
+    check_solver(solver, "tokencut")
+    if not F:
+        return []
+    cuts = graph_cuts(torch.stack(F), tau, eps, solver)
+    return [finish_tokencut(cut, h, w, p, H, W, max_boxes) for cut, (h, w, p, H, W) in zip(cuts, grids)]
