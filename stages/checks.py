@@ -22,6 +22,7 @@ STAGE_CHECKS = {
     "cluster": ("", "backbone", "cluster"),
     "train_cag": ("", "detector", "schedule", "train_cag", "eval"),
     "train_cad": ("", "detector", "schedule", "train_cad", "eval"),
+    "self_train": ("", "detector", "schedule", "train_cag", "self_train", "eval"),
     "evaluate_cag": ("", "eval"),
     "evaluate_cad": ("", "eval"),
 }
@@ -66,7 +67,8 @@ def _check(cfg: DictConfig, section: str, values: dict) -> None:
 
     spec = ARCHS.get(str(cfg.backbone.arch))  # an unknown arch is the backbone's error
     if spec is not None:
-        build_miner(str(values["name"]), spec.patch_size, **values).check_backbone(spec.num_heads)
+        build_miner(str(values["name"]), spec.patch_size, **values).check_backbone(
+            spec.num_heads, spec.embed_dim, str(cfg.backbone.feature))
 
 
 def config_errors(cfg: DictConfig, stage: str) -> list[str]:
@@ -90,8 +92,9 @@ _BACKBONE_KEYS = {"weights": "backbone.weights", "weights_dir": "paths.weights_d
                   "precision": "backbone.precision", "compile": "backbone.compile", "arch": "backbone"}
 _DETECTOR_KEYS = {"weights": "detector.weights", "init": "detector.init", "preset": "detector"}
 LIBRARY_KEYS = {"mine": {**_DATASET_KEYS, **_BACKBONE_KEYS}, "cluster": {**_DATASET_KEYS, **_BACKBONE_KEYS},
-                **{s: {**_DATASET_KEYS, **_DETECTOR_KEYS, "copy_paste": f"{s}.copy_paste"}
-                   for s in ("train_cag", "train_cad", "evaluate_cag", "evaluate_cad")}}
+                **{s: {**_DATASET_KEYS, **_DETECTOR_KEYS, "copy_paste": f"{s}.copy_paste",
+                       "score_weighting": f"{s}.score_weighting"}
+                   for s in ("train_cag", "train_cad", "self_train", "evaluate_cag", "evaluate_cad")}}
 
 
 def in_config_keys(message: str, stage: str | None) -> str:

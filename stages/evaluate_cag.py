@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
                              mode=ap_mode(cfg.dataset.kind), evaluation=OmegaConf.to_object(cfg.eval),
                              viz=OmegaConf.to_object(cfg.viz), device=str(cfg.device), progress=bool(cfg.progress),
                              config=to_container(cfg), dataset=str(cfg.dataset.name),
-                             image_set=cfg.dataset.get("image_set"), force=bool(cfg.force),
+                             image_set=cfg.dataset.get("image_set"), force=bool(cfg.force), redo="FORCE=1 redoes it",
                              hint="Run `make train-cag` with the same dataset/backbone first, or pass "
                                   "evaluate_cag.model=<model.pt>.")
 

@@ -89,6 +89,14 @@ def test_rounds_with_masks_rerun_refusal_force_and_status(tmp_path, coco_tiny, c
         "score_threshold"] == 0.5
     assert not any(p.name.startswith(".") for p in cag.iterdir())  # no work folder left behind
 
+    from stages.evaluate_cag import run as evaluate_cag
+
+    last = [*rounds, "evaluate_cag.model=${inputs.self_train_model}", "viz.num_images=0"]  # round 2's detector
+    assert evaluate_cag(compose_cfg("evaluate_cag", last))["model"] == str(cag / "round2" / "model.pt")
+    capsys.readouterr()
+    evaluate_cag(compose_cfg("evaluate_cag", last))
+    assert "is up to date" in capsys.readouterr().out  # the same model, images and settings: nothing redone
+
 
 def test_a_killed_round_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, voc07_mini, capsys):
     from stages.common import run_guarded

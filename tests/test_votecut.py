@@ -250,6 +250,6 @@ def test_mine_stage_writes_scored_masks_and_names_bad_keys(tmp_path, voc07_mini)
     assert scores and scores[0] == 1.0 and all(0 < s <= 1 for s in scores)
     assert all("counts" in a["segmentation"] for a in data["annotations"]) and any((out / "viz").iterdir())
     errors = config_errors(compose_cfg("mine", [*base, "miner.backbones=[dino_vits8,dino_vitb8]"]), "mine")
-    assert len(errors) == 1 and errors[0].startswith("miner.backbones") and "backbone=<name>" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("miner.backbones") and "choose one backbone" in errors[0]
     errors = config_errors(compose_cfg("mine", [*base, "miner.ks=[1]"]), "mine")
     assert len(errors) == 1 and errors[0].startswith("miner.ks")

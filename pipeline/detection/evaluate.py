@@ -29,11 +29,13 @@ def load_trained(model_path: Path, hint: str = "", what: str = "pseudo-boxes") -
 
 def evaluate_detector(model_path: Path, records: Callable[[], Sequence], out_dir: Path, *, mode: str,
                       evaluation: EvalSettings, viz: VizSettings, device: str, progress: bool, config: dict,
-                      dataset: str, image_set: str | None, hint: str = "", force: bool = False) -> dict:
+                      dataset: str, image_set: str | None, hint: str = "", force: bool = False,
+                      redo: str = "force=True redoes it") -> dict:
     """The detector at ``model_path`` on ``records()`` -> ``out_dir``/detections.json, metrics.json (scores in
     ``mode``, the model and ``dataset``:``image_set`` evaluated), viz/, manifest.json (``config``); the metrics.
     ``hint``: how to get the model, when it cannot be loaded. Up to date (nothing done) when ``out_dir`` holds the
-    evaluation of the same model file, images and settings, unless ``force``."""
+    evaluation of the same model file, images and settings, unless ``force`` (``redo``: how the caller's user asks).
+    """
     import dataclasses
 
     start, images = time.time(), records()
@@ -43,8 +45,7 @@ def evaluate_detector(model_path: Path, records: Callable[[], Sequence], out_dir
                        "eval": dataclasses.asdict(evaluation), "viz": dataclasses.asdict(viz)})
     done = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
     if not force and done.get("evaluated") == key and (out_dir / "metrics.json").is_file():
-        print(f"evaluate-cag: {out_dir} is up to date (the same model, images and settings); force the rerun to "
-              "redo it", flush=True)
+        print(f"evaluate-cag: {out_dir} is up to date (the same model, images and settings); {redo}.", flush=True)
         return read_json(out_dir / "metrics.json")
     model, spec, meta, random_init = load_trained(model_path, hint)
     iteration = meta["iteration"]

@@ -110,8 +110,8 @@ def with_score_weighting(model: nn.Module) -> nn.Module:
 
     heads = getattr(model, "roi_heads", None)
     if isinstance(heads, CascadeRoIHeads):
-        raise ValueError("score_weighting is not implemented for the Cascade head (cascade_* detectors) yet; use a "
-                         "Faster/Mask R-CNN detector (e.g. detector=mask_r50_fpn) or score_weighting=false")
+        raise ValueError("score_weighting is not implemented for the Cascade head (cascade_* presets) yet; use a "
+                         "Faster/Mask R-CNN preset (e.g. preset=mask_r50_fpn) or score_weighting=False")
     if not isinstance(heads, RoIHeads):
         raise TypeError(f"with_score_weighting needs a torchvision FasterRCNN/MaskRCNN, got {type(model).__name__}")
     if type(heads) in (RoIHeads, DropLossRoIHeads):  # a subclass of another kind would lose its overrides
