@@ -37,9 +37,11 @@ degeneracy rule is the exact path's: ``λ₃ - λ₂ <= GAP_TOL`` gives ``v = No
 
 What is the same as the exact path: the graph (``binary_graph_torch`` computes the float32 ``F Fᵀ`` exactly as
 ``binary_graph``, per image), the normalisation, the degeneracy threshold. What is not: the eigenvector's last
-bits (~1e-10 and below), so a patch within that of the mean (TokenCut's bipartition threshold), or two patches
-whose ``|v|`` differ by less (the seed), can go the other way; ``λ₃`` agrees to about ``r₂²/(λ₄ - λ₃)``.
-``benchmarks/cut_solver.py`` measures the agreement of boxes and masks on the fixture and the speed.
+bits (agreeing to ~1e-9 or better), so a patch within that of the mean (TokenCut's bipartition threshold) can go
+the other way, and so can the seed where several patches tie for the largest ``|v|``: patches with identical rows
+of ``W`` (a flat region, MaskCut's zeroed patches) have equal entries in exact arithmetic, and which of them wins
+is a rounding choice in either solver (on the exact path it moves with the BLAS thread count too); ``λ₃`` agrees
+to about ``r₂²/(λ₄ - λ₃)``. ``benchmarks/cut_solver.py`` measures the agreement of boxes and masks and the speed.
 """
 from __future__ import annotations
 
