@@ -157,16 +157,22 @@ def pngs(d: Path) -> list[Path]:
 ROUND_DIR = re.compile(r"round(\d+)$")   # a round's folder under the cag folder: round1, round2, ...
 
 
+def round_dirs(cag: Path) -> list[tuple[int, Path]]:
+    """(round, folder) of every self-training round folder below the cag folder ``cag``, in round order."""
+    return sorted((int(m.group(1)), d) for d in Path(cag).glob("round*")
+                  if d.is_dir() and (m := ROUND_DIR.match(d.name)))
+
+
 def rounds_table(cag: Path) -> list[dict]:
-    """One row per round found under the cag folder ``cag`` (round 0: the cag folder itself), from their
-    metrics.json and pseudo-label files: ``round``, ``corloc``, ``AP50``, ``AP``, ``mask_AP`` (None where not
-    scored), ``objects`` (pseudo-objects trained on: predictions / previous), ``random_init``."""
+    """One row per finished round under the cag folder ``cag`` (round 0: the cag folder itself), from their
+    metrics.json and pseudo-label files: ``round``, ``folder``, ``corloc``, ``AP50``, ``AP``, ``mask_AP`` (None
+    where not scored), ``boxes_used`` (pseudo-objects trained on), ``predictions`` / ``previous`` (how many of them
+    are kept detections / previous objects added back), ``score_threshold``, ``random_init``."""
     def read(p: Path) -> dict:
         v = read_json_or_none(p)
         return v if isinstance(v, dict) else {}
 
-    folders = [(0, Path(cag))] + sorted((int(m.group(1)), d) for d in Path(cag).glob("round*")
-                                        if d.is_dir() and (m := ROUND_DIR.match(d.name)))
+    folders = [(0, Path(cag)), *round_dirs(cag)]
     rows = []
     for r, d in folders:
         m = read(d / "metrics.json")

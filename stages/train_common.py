@@ -36,7 +36,7 @@ _MEMORY_HINT = (": lower schedule.batch_size (and schedule.lr with it), the imag
                 "schedule=smoke")
 
 
-def _plain(cfg: DictConfig, key: str):
+def _recorded(cfg: DictConfig, key: str):
     """The value of ``key`` as the artifact records it (the dataset's identity; the miner's recorded parameters)."""
     v = OmegaConf.select(cfg, key)
     v = OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
@@ -53,9 +53,9 @@ def train_params(cfg: DictConfig, *, section: str, in_path: Path, input_name: st
         stage=section, stage_dir=Path(cfg.stage_dir), in_path=in_path, input_name=input_name,
         class_agnostic=class_agnostic, settings=DetectorSettings.from_dict(to_container(cfg.detector)),
         schedule=Schedule.from_dict(to_container(cfg.schedule)), config=to_container(cfg),
-        artifact={**{k: _plain(cfg, k) for k in artifact_keys}, **({"recipe": r} if (r := recipe.recorded()) else {})},
+        artifact={**{k: _recorded(cfg, k) for k in artifact_keys}, **({"recipe": r} if (r := recipe.recorded()) else {})},
         recipe=recipe,
-        report={k: _plain(cfg, k) for k in REPORT_KEYS},
+        report={k: _recorded(cfg, k) for k in REPORT_KEYS},
         image_root=lambda coco: coco_image_root(cfg, coco, override=sec.get("image_root"), fallback=in_path.parent),
         dataset_records=lambda: build_dataset_from_cfg(cfg).records, what=what, hint=hint, producer=producer,
         seed=int(cfg.seed), min_box_size=float(sec.min_box_size), device=str(cfg.device),

@@ -62,11 +62,13 @@ def test_rounds_with_masks_rerun_refusal_force_and_status(tmp_path, coco_tiny, c
     assert capsys.readouterr().out.count("is up to date") == 2
     assert before == {r: (cag / f"round{r}" / "model.pt").stat().st_mtime_ns for r in (1, 2)}
 
+    labels_before = (cag / "round1" / "pseudo_labels.json").read_bytes()
     with pytest.raises(SystemExit) as e:  # another threshold over finished rounds: one line, nothing touched
         run_guarded(self_train, compose_cfg("self_train", [*rounds, "self_train.score_thresholds=[0.5]"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "score_threshold: 0.0 -> 0.5" in err and "FORCE=1" in err
     assert before[1] == (cag / "round1" / "model.pt").stat().st_mtime_ns
+    assert (cag / "round1" / "pseudo_labels.json").read_bytes() == labels_before  # the finished round's labels kept
 
     from stages.locations import layout_of
 

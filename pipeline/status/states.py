@@ -31,7 +31,7 @@ from pipeline.artifacts import sha256_file
 from pipeline.layout import KINDS, Layout
 from pipeline.status.commands import next_command
 from pipeline.status.tree import inside, reroot, shown, tree_map, visible
-from pipeline.summaries import ROUND_DIR, Manifest, MiningSummary, journal_counts
+from pipeline.summaries import ROUND_DIR, Manifest, MiningSummary, journal_counts, round_dirs
 
 STAGES = KINDS
 # make target of a stage kind; evaluation runs (eval_* below cag/ or cad/) are below
@@ -257,8 +257,7 @@ def pipeline_status(root: str | os.PathLike, layout: Layout | None = None, *, an
     out = []
     for kind, d, chain in layout.folders():
         nested = sorted({m.parent for m in d.rglob("manifest.json") if m.parent != d and visible(m.parent, root)} |
-                        ({r for r in d.glob("round*") if r.is_dir() and ROUND_DIR.match(r.name)} if kind == "cag"
-                         else set())) if d.is_dir() else []
+                        ({r for _, r in round_dirs(d)} if kind == "cag" else set())) if d.is_dir() else []
         if kind != "cluster" or not nested:   # a cluster folder holds runs; every other folder is a stage itself
             out.append(stage_state(d, layout.name(d), kind=kind, selectors=chain.selectors, **kw))
         out.extend(stage_state(n, layout.name(n), kind=kind, evaluation=kind in EVAL_TARGETS and
