@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+from torchvision.ops import box_iou
 
 from pipeline.detection.builders import build_detector
 from pipeline.detection.droploss import DropLossRoIHeads, with_drop_loss
 from pipeline.detection.recipe import TrainRecipe
-from pipeline.detection.score_weighting import (ScoreWeightedRoIHeads, weighted_fastrcnn_loss,
-                                                weighted_maskrcnn_loss, with_score_weighting)
+import pipeline.detection.score_weighting as score_weighting
+from pipeline.detection.score_weighting import (ScoreWeightedCascadeRoIHeads, ScoreWeightedRoIHeads,
+                                                weighted_fastrcnn_loss, weighted_maskrcnn_loss, with_score_weighting)
 
 SIZE = 64
 GT = torch.tensor([[0., 0., 20., 20.], [30., 30., 60., 60.]])
@@ -21,6 +23,11 @@ PROPOSALS = torch.tensor([[0., 0., 20., 20.], [10., 0., 30., 20.], [19., 19., 29
 @pytest.fixture(scope="module")
 def model():
     return build_detector("mask_mobilenet_fpn", 1, min_size=SIZE, max_size=96)
+
+
+@pytest.fixture(scope="module")
+def cascade_model():
+    return build_detector("cascade_mask_mobilenet_fpn", 1, min_size=SIZE, max_size=96)
 
 
 def _features() -> dict[str, torch.Tensor]:
@@ -38,19 +45,22 @@ def _target(scores=None) -> dict:
     return t
 
 
-def _losses(heads, target) -> dict:
+def _losses(heads, target, proposals=PROPOSALS) -> dict:
     heads.train()
     torch.manual_seed(0)  # the fg/bg sampler's draws
-    _, losses = heads(_features(), [PROPOSALS.clone()], [(SIZE, SIZE)], [target])
+    _, losses = heads(_features(), [proposals.clone()], [(SIZE, SIZE)], [target])
     return losses
 
 
-def _weighted(model, tau=0.0):
+def _weighted(model, tau=0.0, cls=ScoreWeightedRoIHeads):
+    """``model``'s heads with score weighting and DropLoss at ``tau`` (a shallow copy: ``model``'s are unchanged)."""
     m = type(model).__new__(type(model))
     m.__dict__.update(model.__dict__)
     m._modules = dict(model._modules)
+    keys = set(m.state_dict())
     m = with_drop_loss(with_score_weighting(m), tau)
-    assert isinstance(m.roi_heads, ScoreWeightedRoIHeads) and model.roi_heads is not m.roi_heads
+    assert type(m.roi_heads) is cls and model.roi_heads is not m.roi_heads and set(m.state_dict()) == keys
+    assert with_score_weighting(m).roi_heads is m.roi_heads  # twice: unchanged
     return m.roi_heads
 
 
@@ -113,12 +123,13 @@ def test_hand_built_mask_loss():
     assert loss.item() == pytest.approx(hand.item(), rel=1e-9)
 
 
-def test_recipe_and_refusals():
+def test_recipe_and_model_conversion(cascade_model):
     assert TrainRecipe().score_weighting is False and "score_weighting" not in TrainRecipe().recorded()
     assert TrainRecipe(score_weighting=True).recorded() == {"score_weighting": True}
-    cascade = build_detector("cascade_mask_mobilenet_fpn", 1, min_size=SIZE, max_size=96)
-    with pytest.raises(ValueError, match="score_weighting"):
-        with_score_weighting(cascade)
+    heads = _weighted(cascade_model, 0.01, ScoreWeightedCascadeRoIHeads)  # the Cascade head: every stage weighted
+    assert heads.iou_threshold == 0.01 and heads.box_head is cascade_model.roi_heads.box_head
+    assert heads.stage_matchers[2] is cascade_model.roi_heads.stage_matchers[2]
+    assert heads.proposal_matcher is heads.stage_matchers[0] and heads.box_coder is heads.stage_coders[0]
     m = build_detector("mobilenet_fpn", 1, min_size=SIZE, max_size=96)
     assert type(m.roi_heads) is RoIHeads
     keys = set(m.state_dict())
@@ -140,3 +151,92 @@ def test_copy_paste_carries_scores():
     # the source's object pasted over the destination's first: that one is removed, its score with it
     _, out = copy_paste(img, dest, img, src, scale=1.0, offset=(0, 0))
     assert out["scores"].tolist() == [0.5, 0.25] and len(out["boxes"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ the Cascade head
+STAGE_KEYS = [(f"loss_classifier_s{t}", f"loss_box_reg_s{t}") for t in range(3)]
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.01])
+def test_cascade_scores_of_one_give_the_unweighted_losses_exactly(cascade_model, tau):
+    with_drop_loss(cascade_model, tau)  # the plain cascade, DropLoss per stage at tau
+    try:
+        expected = _losses(cascade_model.roi_heads, _target())
+    finally:
+        with_drop_loss(cascade_model, 0)
+    heads = _weighted(cascade_model, tau, ScoreWeightedCascadeRoIHeads)
+    assert set(expected) == {k for pair in STAGE_KEYS for k in pair} | {"loss_mask"}
+    for target in (_target([1.0, 1.0]), _target()):  # explicit ones, and a file without scores
+        got = _losses(heads, target)
+        assert set(got) == set(expected)
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), k
+
+
+def test_cascade_scores_weight_every_stage(cascade_model):
+    """Score s on every pseudo-box: each stage's box loss and the mask loss are s times the unweighted ones (the
+    same RoIs in every stage: the weights do not change the forward pass), and each stage's class loss is affine in
+    s, ``L(s) = L(1) + (1 - s) D`` (D: that stage's sum of log p(class) - log p(bg) over its foreground RoIs, over
+    the RoIs kept), so ``L(0.25) - L(1) = 3 (L(0.75) - L(1))``."""
+    heads = _weighted(cascade_model, 0.0, ScoreWeightedCascadeRoIHeads)
+    one, q1, q3 = (_losses(heads, _target([s, s])) for s in (1.0, 0.25, 0.75))
+    for cls, box in STAGE_KEYS:
+        assert one[box] > 0 and q1[box] != one[box] and q1[cls] != one[cls], box
+        assert torch.allclose(q1[box], 0.25 * one[box], rtol=1e-6, atol=0), box
+        assert torch.allclose(q3[box], 0.75 * one[box], rtol=1e-6, atol=0), box
+        assert torch.allclose(q1[cls] - one[cls], 3 * (q3[cls] - one[cls]), rtol=1e-4, atol=1e-7), cls
+    assert torch.allclose(q1["loss_mask"], 0.25 * one["loss_mask"], rtol=1e-6, atol=0)
+
+
+def test_cascade_stage_weights_are_the_scores_of_that_stages_matches(cascade_model, monkeypatch):
+    """Scores 0.5 / 0.25 on the two pseudo-boxes; stage 0's regressor shifts every box right by 0.4 of its width
+    (the later stages' keep them), so the box [18, 30, 48, 60] (IoU 0.43 with the second pseudo-box: background at
+    stage 0) becomes [30, 30, 60, 60] (foreground at stages 1 and 2). Each stage's weights of its foreground boxes
+    are the scores of the pseudo-boxes they best overlap (IoU >= 0.5 / 0.6 / 0.7), from that stage's boxes."""
+    heads = _weighted(cascade_model, 0.0, ScoreWeightedCascadeRoIHeads)
+    boxes, seen = [], []
+    run_stage, loss = heads.run_stage, score_weighting.weighted_fastrcnn_loss
+    monkeypatch.setattr(heads, "run_stage", lambda t, f, b, s: boxes.append(b[0]) or run_stage(t, f, b, s))
+    monkeypatch.setattr(score_weighting, "weighted_fastrcnn_loss",
+                        lambda *a: seen.append((torch.cat(a[2]), torch.cat(a[4]))) or loss(*a))
+    saved = {k: v.clone() for k, v in heads.state_dict().items()}
+    with torch.no_grad():
+        for p in heads.box_predictor:
+            p.bbox_pred.weight.zero_()
+            p.bbox_pred.bias.zero_()
+        heads.box_predictor[0].bbox_pred.bias[0] = 4.0  # dx = 4 / 10 (stage 0's coder weight)
+    try:
+        _losses(heads, _target([0.5, 0.25]), torch.cat([PROPOSALS, torch.tensor([[18., 30., 48., 60.]])]))
+    finally:
+        heads.load_state_dict(saved)
+    assert len(boxes) == len(seen) == 3
+    for t, (b, (labels, weights)) in enumerate(zip(boxes, seen)):
+        best, idx = box_iou(GT, b).max(dim=0)
+        fg = best >= (0.5, 0.6, 0.7)[t]
+        assert torch.equal(labels > 0, fg), t
+        assert weights[fg].tolist() == torch.tensor([0.5, 0.25])[idx[fg]].tolist(), t
+    moved = (seen[0][0] == 0) & (seen[1][0] > 0)  # background at stage 0, foreground at stage 1
+    assert moved.any() and set(seen[1][1][moved].tolist()) == {0.25}
+
+
+def test_cascade_training_step_with_drop_loss(cascade_model):
+    from pipeline.detection.run import with_recipe
+
+    m = type(cascade_model).__new__(type(cascade_model))
+    m.__dict__.update(cascade_model.__dict__)
+    m._modules = dict(cascade_model._modules)
+    m, _ = with_recipe(TrainRecipe(score_weighting=True, drop_loss_iou=0.01), m, None, seed=0)
+    assert type(m.roi_heads) is ScoreWeightedCascadeRoIHeads and m.roi_heads.iou_threshold == 0.01
+    m.train()
+    m.zero_grad()
+    torch.manual_seed(0)
+    target = _target([0.7, 0.4])
+    losses = m([torch.rand(3, SIZE, SIZE)], [target])
+    assert set(losses) == {k for pair in STAGE_KEYS for k in pair} | {"loss_mask", "loss_objectness",
+                                                                          "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    for t, pred in enumerate(m.roi_heads.box_predictor):
+        assert pred.cls_score.weight.grad.abs().sum() > 0, t
+    assert m.roi_heads.mask_predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    m.zero_grad()

@@ -14,7 +14,9 @@ samples with their own matcher (no re-sampling; empty boxes after clipping are l
 grows with the box quality, as the paper describes. Losses: torchvision's ``fastrcnn_loss`` per stage, reported per
 stage as ``loss_classifier_s{t}`` and ``loss_box_reg_s{t}`` (not summed; the trainer sums every loss); each stage's
 pooled features pass a gradient scale of 1/3 on the way back, so the backbone gets the stages' mean gradient while
-each head gets its full loss. The mask head trains on the last stage's foreground boxes (``loss_mask``).
+each head gets its full loss. The mask head trains on the last stage's foreground boxes (``loss_mask``). The
+losses are computed by :meth:`CascadeRoIHeads.stage_loss` and :meth:`~CascadeRoIHeads.mask_loss`, which score
+weighting overrides (:class:`pipeline.detection.score_weighting.ScoreWeightedCascadeRoIHeads`).
 
 Inference: each stage scores its own input boxes (stage 0 the proposals, stage ``t`` stage ``t - 1``'s refined
 boxes); the class scores are the mean of the three stages' softmax probabilities, the boxes are the last stage's
@@ -164,15 +166,28 @@ class CascadeRoIHeads(RoIHeads):
             labels = self._drop(labels, boxes, gt_boxes)
             logits, deltas = self.run_stage(stage, features, boxes, image_shapes)
             # class-agnostic deltas, repeated per class so that torchvision's loss picks them for any label
-            cls_loss, box_loss = fastrcnn_loss(logits, deltas.repeat(1, logits.shape[1]), labels, reg_targets)
+            cls_loss, box_loss = self.stage_loss(logits, deltas.repeat(1, logits.shape[1]), labels, reg_targets,
+                                                 matched, targets)
             losses[f"loss_classifier_s{stage}"], losses[f"loss_box_reg_s{stage}"] = cls_loss, box_loss
         if self.has_mask():
             fg = [torch.where(lab > 0)[0] for lab in labels]
             mask_boxes = [b[i] for b, i in zip(boxes, fg)]
             logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
-            losses["loss_mask"] = maskrcnn_loss(logits, mask_boxes, [t["masks"] for t in targets], gt_labels,
-                                                [m[i] for m, i in zip(matched, fg)])
+            losses["loss_mask"] = self.mask_loss(logits, mask_boxes, targets, [m[i] for m, i in zip(matched, fg)])
         return losses
+
+    def stage_loss(self, logits: Tensor, deltas: Tensor, labels: list[Tensor], reg_targets: list[Tensor],
+                   matched: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        """One stage's class and box losses: torchvision's ``fastrcnn_loss``. ``matched`` (per image, each box's
+        target index in this stage; background boxes: 0) and ``targets`` are for a subclass that weights them
+        (:class:`pipeline.detection.score_weighting.ScoreWeightedCascadeRoIHeads`)."""
+        return fastrcnn_loss(logits, deltas, labels, reg_targets)
+
+    def mask_loss(self, logits: Tensor, boxes: list[Tensor], targets: list[dict[str, Tensor]],
+                  matched: list[Tensor]) -> Tensor:
+        """The mask loss of the last stage's foreground ``boxes`` (``matched``: their target indices):
+        torchvision's ``maskrcnn_loss``."""
+        return maskrcnn_loss(logits, boxes, [t["masks"] for t in targets], [t["labels"] for t in targets], matched)
 
     def stage_scores(self, features, proposals, image_shapes) -> tuple[list[Tensor], Tensor, list[Tensor]]:
         """Inference through the stages: every stage's class probabilities on its own input boxes, the last stage's

@@ -152,9 +152,6 @@ def plan(p: TrainParams) -> Job:
     if p.recipe.copy_paste > 0 and not p.settings.masks:
         raise ArtifactError(f"copy_paste={p.recipe.copy_paste} pastes objects with their masks: it needs a mask "
                             f"detector preset, not {p.settings.preset} (or copy_paste=0)")
-    if p.recipe.score_weighting and p.settings.preset.startswith("cascade_"):
-        raise ArtifactError(f"score_weighting=True is not implemented for the Cascade head ({p.settings.preset}) yet: "
-                            "use a Faster/Mask R-CNN preset (e.g. preset=mask_r50_fpn) or score_weighting=False")
     coco = read_coco_boxes(p.in_path, p.what, p.hint)
     artifact = {**p.artifact, "input_sha256": sha256_file(p.in_path)}
     if p.init_from is not None:  # the weights it starts from decide its weights

@@ -13,8 +13,12 @@ pseudo-box of score ``s`` (a foreground RoI):
 - **mask** (a Mask R-CNN): its per-pixel BCE times ``s``, averaged over all mask pixels (CuVLER's ``weight=``).
 
 The RPN's losses are not weighted (CuVLER does not weight them either). With every score 1 each loss is
-torchvision's to the bit (the correction terms are exact zeros; ``tests/test_score_weighting.py``). Not for the
-Cascade head (refused: its stages have their own losses, not weighted yet).
+torchvision's to the bit (the correction terms are exact zeros; ``tests/test_score_weighting.py``).
+
+The Cascade head (:class:`ScoreWeightedCascadeRoIHeads`, as CuVLER's ``custom_cascade_rcnn.py``): every stage's
+class and box losses are these, each stage's boxes weighted by the score of the pseudo-box that stage's matcher
+(IoU 0.5 / 0.6 / 0.7) matches them to; the mask loss (last stage's foreground boxes) as above. The cascade's
+per-stage losses, gradient scale and DropLoss per stage are unchanged.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
 
+from pipeline.detection.cascade import CascadeRoIHeads
 from pipeline.detection.droploss import IGNORE_INDEX, DropLossRoIHeads
 
 
@@ -103,22 +108,41 @@ class ScoreWeightedRoIHeads(DropLossRoIHeads):
         return [], losses
 
 
-def with_score_weighting(model: nn.Module) -> nn.Module:
-    """Opt a built torchvision ``FasterRCNN``/``MaskRCNN`` in to score weighting (in place; state_dict unchanged;
-    DropLoss' threshold kept). A Cascade head is refused."""
-    from pipeline.detection.cascade import CascadeRoIHeads
+class ScoreWeightedCascadeRoIHeads(CascadeRoIHeads):
+    """:class:`CascadeRoIHeads` (DropLoss per stage kept) whose every stage's box losses and the mask loss are
+    weighted by the scores of the pseudo-boxes (targets' ``"scores"``; missing: 1) that stage matched its boxes to.
+    Training only; inference is the cascade's."""
 
+    def stage_loss(self, logits, deltas, labels, reg_targets, matched, targets):
+        return weighted_fastrcnn_loss(logits, deltas, labels, reg_targets, roi_scores(matched, targets))
+
+    def mask_loss(self, logits, boxes, targets, matched):
+        return weighted_maskrcnn_loss(logits, boxes, [t["masks"] for t in targets], [t["labels"] for t in targets],
+                                      matched, roi_scores(matched, targets))
+
+
+def _retyped(heads: RoIHeads, cls: type) -> RoIHeads:
+    """A ``cls`` with ``heads``' submodules (shared), parameters, hooks and settings, DropLoss' threshold kept."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) for k, v in vars(heads).items()})
+    new.iou_threshold = getattr(heads, "iou_threshold", 0.0)
+    if isinstance(new, CascadeRoIHeads):  # stage 0's matcher and coder stay torchvision's sampling ones
+        new.stage_matchers = [new.proposal_matcher, *heads.stage_matchers[1:]]
+        new.stage_coders = [new.box_coder, *heads.stage_coders[1:]]
+    return new
+
+
+def with_score_weighting(model: nn.Module) -> nn.Module:
+    """Opt a built torchvision ``FasterRCNN``/``MaskRCNN``, or one with a Cascade head (``cascade_*`` presets), in
+    to score weighting (in place; state_dict unchanged; DropLoss' threshold kept)."""
     heads = getattr(model, "roi_heads", None)
-    if isinstance(heads, CascadeRoIHeads):
-        raise ValueError("score_weighting is not implemented for the Cascade head (cascade_* presets) yet; use a "
-                         "Faster/Mask R-CNN preset (e.g. preset=mask_r50_fpn) or score_weighting=False")
     if not isinstance(heads, RoIHeads):
         raise TypeError(f"with_score_weighting needs a torchvision FasterRCNN/MaskRCNN, got {type(model).__name__}")
-    if type(heads) in (RoIHeads, DropLossRoIHeads):  # a subclass of another kind would lose its overrides
-        new = ScoreWeightedRoIHeads.__new__(ScoreWeightedRoIHeads)
-        new.__dict__.update({k: copy.copy(v) for k, v in vars(heads).items()})
-        new.iou_threshold = getattr(heads, "iou_threshold", 0.0)
-        model.roi_heads = new
-    elif not isinstance(heads, ScoreWeightedRoIHeads):
+    # a subclass of another kind would lose its overrides
+    if type(heads) in (RoIHeads, DropLossRoIHeads):
+        model.roi_heads = _retyped(heads, ScoreWeightedRoIHeads)
+    elif type(heads) is CascadeRoIHeads:
+        model.roi_heads = _retyped(heads, ScoreWeightedCascadeRoIHeads)
+    elif not isinstance(heads, (ScoreWeightedRoIHeads, ScoreWeightedCascadeRoIHeads)):
         raise TypeError(f"score weighting replaces torchvision's RoIHeads, not a {type(heads).__name__}")
     return model
