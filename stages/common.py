@@ -41,24 +41,24 @@ def dataset_identity(cfg: DictConfig) -> dict:
     return identity(to_container(cfg.dataset))
 
 
-def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
-    """Build the configured backbone. ``backbone.init=auto`` (used by ``make demo``) tries the real
-    weights and falls back, loudly, to random weights when they cannot be found or downloaded."""
+def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False, arch: str | None = None):
+    """The configured backbone (``arch``: an ensemble's member, its default weights). ``backbone.init=auto`` (``make
+    demo``) tries the real weights and falls back, loudly, to random weights when they cannot be found or downloaded."""
     from pipeline.backbones import WeightsError, build_backbone
 
-    b = cfg.backbone
-    kwargs = dict(weights=b.get("weights"), weights_dir=cfg.paths.weights_dir, seed=int(b.get("seed", 0)),
-                  device=device, precision=str(b.get("precision", "fp32")),
+    b, arch = cfg.backbone, arch or cfg.backbone.arch
+    kwargs = dict(weights=b.get("weights") if arch == b.arch else None, weights_dir=cfg.paths.weights_dir,
+                  seed=int(b.get("seed", 0)), device=device, precision=str(b.get("precision", "fp32")),
                   force_precision=bool(b.get("force_precision", False)), compile=bool(b.get("compile", False)))
     init = str(b.get("init", "pretrained"))
     if init == "auto":
         try:
-            return build_backbone(b.arch, init="pretrained", **kwargs)
+            return build_backbone(arch, init="pretrained", **kwargs)
         except WeightsError as e:
-            warn_random(f"backbone {b.arch}", f"backbone.init=auto and no weights: {e}")
-            return build_backbone(b.arch, init="random", **kwargs)
+            warn_random(f"backbone {arch}", f"backbone.init=auto and no weights: {e}")
+            return build_backbone(arch, init="random", **kwargs)
     try:
-        backbone = build_backbone(b.arch, init=init, **kwargs)
+        backbone = build_backbone(arch, init=init, **kwargs)
     except WeightsError:
         raise
     except ValueError as e:  # e.g. the precision refused on this device
@@ -66,7 +66,7 @@ def build_backbone_from_cfg(cfg: DictConfig, device: str, quiet: bool = False):
 
         raise StageError(in_config_keys(str(e), "mine")) from None
     if init == "random" and not quiet:
-        warn_random(f"backbone {b.arch}", "backbone.init=random")
+        warn_random(f"backbone {arch}", "backbone.init=random")
     return backbone
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import ArtifactError, read_json, recover_replacement, remove_stale_temps, replacement_dir
+from pipeline.backbones.ensemble import build_ensemble
 from pipeline.data.paths import records_root
 from pipeline.journal import canonical_json
 from pipeline.discovery import Miner, build_miner
@@ -37,7 +38,8 @@ def _info(cfg: DictConfig, backbone, root: str) -> dict:
 
 
 def _model(cfg: DictConfig, device: str, quiet: bool = False) -> tuple:
-    backbone = build_backbone_from_cfg(cfg, device, quiet=quiet)
+    specs, build = cfg.miner.get("backbones"), lambda arch=None: build_backbone_from_cfg(cfg, device, quiet, arch)
+    backbone = build_ensemble(list(specs), int(cfg.miner.image_size), build) if specs else build()  # VoteCut's
     return backbone, build_miner(str(cfg.miner.name), backbone.patch_size, **to_container(cfg.miner))
 
 
@@ -121,8 +123,7 @@ def _run(cfg: DictConfig, info: dict, produce, redraw=None, force: bool = False,
 
 def _merge_only(cfg: DictConfig, dataset) -> dict | None:
     """Merge finished shards (``make merge``); with ``force`` those of a forced run, in its replacement folder."""
-    n, force = int(cfg.mine.num_shards), bool(cfg.force)
-    hint = f"(mine.shard=I mine.num_shards={n})"
+    n, force, hint = int(cfg.mine.num_shards), bool(cfg.force), f"(mine.shard=I mine.num_shards={cfg.mine.num_shards})"
     try:
         info = MiningRun.from_results(replacement_dir(cfg.stage_dir) if force else cfg.stage_dir, n).info
     except ArtifactError as e:
@@ -138,8 +139,7 @@ def _merge_only(cfg: DictConfig, dataset) -> dict | None:
 
 
 def run(cfg: DictConfig) -> dict | None:
-    stage_dir = Path(cfg.stage_dir)
-    recover_replacement(stage_dir)
+    recover_replacement(stage_dir := Path(cfg.stage_dir))
     dataset = build_dataset_from_cfg(cfg)
     if len(dataset) == 0:
         raise StageError(f"dataset {cfg.dataset.name} at {cfg.dataset.root} has no images.")

@@ -14,7 +14,7 @@ from pipeline.backbones.specs import ArchSpec, get_spec
 from pipeline.backbones.vit import build_dino_vit
 from pipeline.backbones.weights import load_weights, resolve_weights
 
-FEATURES = ("k", "q", "v", "tokens")
+FEATURES = ("k", "q", "v", "tokens", "normed")
 INITS = ("pretrained", "random")
 
 
@@ -106,8 +106,9 @@ class Backbone:
     # ------------------------------------------------------------------ features
     @torch.no_grad()
     def features(self, img: Tensor, which: str = "k", with_cls_attn: bool = False) -> FeatureOutput:
-        """Last-block keys/queries/values (heads concatenated) or output tokens (before the final norm), CLS
-        and registers dropped."""
+        """Last-block keys/queries/values (heads concatenated), output tokens (``tokens``: before the final
+        norm) or normed output tokens (``normed``: after it, DINOv2's ``x_norm_patchtokens``), CLS and registers
+        dropped."""
         if which not in FEATURES:
             raise ValueError(f"unknown feature {which!r}; choose one of {FEATURES}")
         img, dims = self._check(img)
@@ -126,10 +127,10 @@ class Backbone:
                 for blk in m.blocks:
                     blk.attn.fused_attn = True
             x = m.prepare_tokens(img)
-            if which == "tokens":
+            if which in ("tokens", "normed"):
                 for blk in m.blocks:
                     x = blk(x)
-                feats = x[:, skip:]
+                feats = (m.norm(x) if which == "normed" else x)[:, skip:]
             else:  # k/q/v only need the last block's qkv: stop there
                 for blk in m.blocks[:-1]:
                     x = blk(x)
@@ -145,7 +146,7 @@ class Backbone:
         b, n1, _ = qkv.shape
         heads, d = self.num_heads, self.embed_dim
         qkv = qkv.reshape(b, n1, 3, heads, d // heads)
-        if which != "tokens":
+        if which in ("k", "q", "v"):
             feats = qkv[:, skip:, "qkv".index(which)].reshape(b, n1 - skip, d)
         cls_attn = self._cls_attention(qkv) if with_cls_attn else None
         return FeatureOutput(feats.float().contiguous(), dims, cls_attn)
@@ -209,8 +210,9 @@ class Backbone:
         if with_cls_attn:
             raise ValueError(f"dinoseg needs a ViT backbone: {self.arch} has no CLS attention "
                              "(use arch=dino_vits16 or another dino_vit* / dinov2_vit*)")
-        if which in ("q", "v"):
-            raise ValueError(f"{self.arch} has no queries/values; use feature 'k' or 'tokens' (layer4 output)")
+        if which in ("q", "v", "normed"):
+            raise ValueError(f"{self.arch} has no queries/values/normed tokens; use feature 'k' or 'tokens' (layer4 "
+                             "output)")
         fmap = resnet_layer4(self.model, img)
         if tuple(fmap.shape[-2:]) != dims:
             raise RuntimeError(f"{self.arch}: layer4 map {tuple(fmap.shape[-2:])} != expected grid {dims}")

@@ -19,7 +19,7 @@ class BackboneSettings(Settings):
     init: str = "pretrained"
     weights: Optional[str] = None     # explicit .pth path; overrides weights_dir and the download
     seed: int = 0                     # seed of the random init
-    feature: str = "k"                # k | q | v | tokens (ResNet-50: k | tokens, both its layer4 output)
+    feature: str = "k"                # k | q | v | tokens | normed (after the final norm) (ResNet-50: k | tokens)
     # fp32 (exact, default) | bf16 | fp16: autocast on a GPU (opt-in; refused on a CPU without bf16 units)
     precision: str = "fp32"
     force_precision: bool = False     # run bf16 on such a CPU anyway (about 5-12x slower)

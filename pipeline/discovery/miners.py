@@ -27,7 +27,7 @@ from pipeline.discovery.lost import check_positive_int, lost
 from pipeline.discovery.cut_solver import check_solver
 from pipeline.discovery.maskcut import maskcut, maskcut_batch
 from pipeline.discovery.tokencut import tokencut, tokencut_batch
-from pipeline.discovery.votecut import check_votecut_params, votecut
+from pipeline.discovery.votecut import check_votecut_params, votecut, votecut_ensemble
 from pipeline.masks import CRF_PACKAGE, crf_available
 
 
@@ -322,13 +322,18 @@ class VoteCutMiner(Miner):
     """VoteCut (CuVLER, Arica et al., CVPR 2024): k-means of the normalized cut's eigenvectors, instance masks
     voted by IoU into objects, each scored by its cluster's size over the largest's (the soft targets of
     ``score_weighting``). ``image_size`` (480) resizes the image to that square first, as the reference.
-    ``backbones``: the ensemble of the reference; only one backbone (the configured one) for now."""
+    ``backbones``: the reference's ensemble (e.g. ``[dino_vits8, dinov2_vitb14:normed]``, as
+    :func:`pipeline.backbones.ensemble.parse_members`), whose features come together in an
+    :class:`~pipeline.backbones.ensemble.EnsembleOutput` (a :class:`~pipeline.backbones.ensemble.BackboneEnsemble`
+    gives them); null: the one configured backbone."""
     name = "votecut"
     fn = staticmethod(votecut)
     extra_parameters = {**Miner.extra_parameters, "image_size": 480, "backbones": None}
     extra_types = {**Miner.extra_types, "image_size": Optional[int], "backbones": Optional[list[str]]}
 
     def validate(self) -> None:
+        from pipeline.backbones.ensemble import parse_members
+
         p = self.params
         check_votecut_params(p["tau"], p["eps"], p["num_eigenvectors"], p["ks"], p["tau_m"], p["iou_threshold"],
                              p["max_objects"], p["min_size"])
@@ -338,11 +343,22 @@ class VoteCutMiner(Miner):
             check_positive_int("votecut", "image_size", size)
             if int(size) < self.patch_size:
                 raise ValueError(f"votecut: image_size={size} is smaller than one patch ({self.patch_size})")
-        if p.pop("backbones"):
-            raise ValueError("votecut: backbones (an ensemble) is not implemented yet: the mining loop computes "
-                             "one backbone's features per image. Leave backbones unset (null) and choose one "
-                             "backbone as for every miner: VoteCut then votes over that backbone's cuts (CuVLER's "
-                             "single-model variant)")
+        backbones = p.pop("backbones")
+        #: the ensemble's members (None: one backbone)
+        self.members = parse_members(list(backbones), "votecut: backbones") if backbones else None
+        if self.members and size is None:
+            raise ValueError("votecut: backbones (an ensemble) needs image_size: every backbone sees the image "
+                             "resized to that square (the reference: 480)")
+
+    def __call__(self, output, image_size, index: int = 0):
+        groups = getattr(output, "members", None)
+        if groups is None and self.members:
+            raise ValueError(f"votecut: backbones={[m.arch for m in self.members]} needs the features of each "
+                             "(an EnsembleOutput, as BackboneEnsemble.features_batch gives them); got one backbone's")
+        if groups is None:
+            return super().__call__(output, image_size, index)
+        return votecut_ensemble([(g.feats[index], g.dims) for g in groups], self.patch_size, image_size,
+                                finest=output.finest, **self.params)
 
 
 MINERS: dict[str, type[Miner]] = {m.name: m for m in (LostMiner, DinoSegMiner, TokenCutMiner, MaskCutMiner,

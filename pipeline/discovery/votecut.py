@@ -33,18 +33,19 @@ Boxes: each object's patch extent in pixels (``grid_mask_box``), as the other mi
 as the reference (480 x 480 for DINO; it resizes with PIL's Lanczos, the mining loader with its own resize).
 
 Ensembles: the reference runs steps 1-3 on each backbone (its default: six DINO/DINOv2 models), resizes all
-instances to the 60 x 60 grid (nearest) and votes over all of them (:func:`vote`, :func:`votecut_groups` take
-several groups). The miner takes the features of ONE backbone (``backbones``: null or that one name); an ensemble
-of several is refused for now (the mining loop computes one backbone's features per image).
+instances to the 60 x 60 grid (nearest) and votes over all of them. :func:`votecut_ensemble` does that with the
+features of several backbones (the miner's ``backbones``, computed once per image by
+:class:`pipeline.backbones.ensemble.BackboneEnsemble`), on the grid of the finest one (60 x 60 for a ViT/8 at 480
+px, as the reference's); :func:`votecut` is the one-backbone case.
 
 Where this cannot match the reference, or does not follow it:
 
-* Single backbone: instances stay at the backbone's patch grid. The reference resizes them to 60 x 60 first;
-  for grids of 60 (patch 8) and 30 (patch 16) that is an exact duplication (same IoUs, same means: the same
-  objects), for other grids (DINOv2's 34 x 34) it is not.
-* The eigenvectors come from LAPACK through ``torch.linalg.eigh`` on the CPU with one thread (the reference ran
-  it on a GPU);
-  the sign is irrelevant (k-means of ``v`` and ``-v`` give the same labels), rounding is not where a value sits
+* Instances are voted on the finest backbone's grid, not always 60 x 60. The reference resizes them to 60 x 60;
+  with a patch-8 backbone at 480 px (the reference's set has two) that is the same grid, and a lone patch-16
+  backbone's 30 x 30 is an exact duplication (same IoUs, same means: the same objects); for other grids (a lone
+  DINOv2's 34 x 34, or an ensemble without a patch-8 member) it is not.
+* The eigenvectors come from ``torch.linalg.eigh`` on the features' device: a GPU's when mining on one (as the
+  reference ran it), else LAPACK on the CPU with one thread; the sign is irrelevant (k-means of ``v`` and ``-v`` give the same labels), rounding is not where a value sits
   on a k-means boundary. A repeated eigenvalue leaves the eigenvector arbitrary, in both.
 * The k-means is a port, not scikit-learn itself: the same random draws and the same arithmetic, except that
   scikit-learn's BLAS/OpenMP reductions may round differently (this matters only for a point equidistant, to
@@ -120,7 +121,7 @@ def ncut_eigenvectors(feats: torch.Tensor, dims: tuple[int, int], tau: float = 0
     if vecs.shape[1] < num + 1:
         return None
     h, w = dims
-    return vecs[:, 1:num + 1].T.reshape(num, h, w).numpy().astype(np.float64)
+    return vecs[:, 1:num + 1].T.reshape(num, h, w).cpu().numpy().astype(np.float64)
 
 
 # ------------------------------------------------------------------------------------------------------ k-means
@@ -335,14 +336,32 @@ def votecut(feats: torch.Tensor, dims: tuple[int, int], patch_size: int, image_s
             tau_m: float = 0.2, iou_threshold: float = 0.6, max_objects: int = 10, min_size: int = 5
             ) -> VoteCutResult:
     """VoteCut on one backbone's patch features ``feats`` (N, D) of an (h, w) grid; see the module docstring."""
-    F_ = as_feats(feats, "votecut")
-    h, w, p, H, W = check_grid(F_.shape[0], dims, patch_size, image_size, "votecut")
+    return votecut_ensemble([(feats, dims)], patch_size, image_size, tau=tau, eps=eps,
+                            num_eigenvectors=num_eigenvectors, ks=ks, tau_m=tau_m, iou_threshold=iou_threshold,
+                            max_objects=max_objects, min_size=min_size)
+
+
+def votecut_ensemble(groups: Sequence[tuple[torch.Tensor, tuple[int, int]]], patch_size: int,
+                     image_size: tuple[int, int], *, finest: int = 0, tau: float = 0.15, eps: float = 1e-5,
+                     num_eigenvectors: int = 1, ks: tuple[int, ...] = (2, 3), tau_m: float = 0.2,
+                     iou_threshold: float = 0.6, max_objects: int = 10, min_size: int = 5) -> VoteCutResult:
+    """VoteCut over several backbones' features of one image: ``groups[i]`` = (features (N_i, D_i), grid (h_i, w_i))
+    of backbone i. Each backbone's instances are resized (nearest) to the grid of ``groups[finest]`` (whose patch is
+    ``patch_size``, on the unpadded ``image_size``) and voted together; the boxes, masks and picture are on that
+    grid. One group is :func:`votecut`."""
+    if not len(groups) or not 0 <= int(finest) < len(groups):
+        raise ValueError(f"votecut: need a non-empty list of (feats, dims) groups and finest in [0, {len(groups)}), "
+                         f"got {len(groups)} groups and finest={finest!r}")
     check_votecut_params(tau, eps, num_eigenvectors, ks, tau_m, iou_threshold, max_objects, min_size)
-    vecs = ncut_eigenvectors(F_, (h, w), float(tau), float(eps), int(num_eigenvectors)) if h * w > 2 else None
-    masks, sizes, n = votecut_groups([vecs], (h, w), tuple(int(k) for k in ks), float(tau_m),
-                                     float(iou_threshold), int(max_objects), int(min_size)) \
-        if vecs is not None else ([], [], 0)
-    eigvec = vecs[0] if vecs is not None else np.zeros((h, w))
+    feats = [as_feats(f, "votecut") for f, _ in groups]
+    grids = [check_grid(f.shape[0], d, patch_size, image_size, "votecut")[:2] for f, (_, d) in zip(feats, groups)]
+    (h, w), (H, W), p = grids[int(finest)], (int(image_size[0]), int(image_size[1])), int(patch_size)
+    vecs = [ncut_eigenvectors(f, g, float(tau), float(eps), int(num_eigenvectors)) if g[0] * g[1] > 2 else None
+            for f, g in zip(feats, grids)]
+    usable = [v for v in vecs if v is not None]
+    masks, sizes, n = votecut_groups(usable, (h, w), tuple(int(k) for k in ks), float(tau_m), float(iou_threshold),
+                                     int(max_objects), int(min_size)) if usable else ([], [], 0)
+    eigvec = vecs[int(finest)][0] if vecs[int(finest)] is not None else np.zeros((h, w))
     seed = int(np.argmax(np.abs(eigvec)))
     if not masks:
         full = np.ones((h, w), dtype=bool)
