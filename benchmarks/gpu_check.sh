@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU session check (at most ~8 minutes): CUDA tests, CUDA-vs-CPU box parity on the VOC07 fixture,
+# GPU session check (at most ~9 minutes): CUDA tests, CUDA-vs-CPU box parity on the VOC07 fixture,
 # mining throughput at batch 1/16/64 in float32 and bf16, detector training throughput (AMP; CutLER's Cascade Mask
-# R-CNN beside Mask R-CNN), one self-training prediction pass, then one summary table. Random weights throughout (speed does not depend on them). Installs nothing beyond
+# R-CNN beside Mask R-CNN), one self-training prediction pass, the cut solver, VoteCut's six-backbone ensemble, then one summary table. Random weights throughout (speed does not depend on them). Installs nothing beyond
 # `make install`. A failed or timed-out step is recorded and the script goes on to the summary.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BUDGET_S="${BUDGET_S:-470}"                      # whole script, seconds
+BUDGET_S="${BUDGET_S:-540}"                      # whole script, seconds
 export LOST_SHARED_DATA="${LOST_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
 PY="${PY:-.venv/bin/python}"
 LOG_DIR="${LOG_DIR:-$(mktemp -d -t gpu_check.XXXXXX)}"
@@ -55,6 +55,9 @@ step self_train_pass 45 "$PY" benchmarks/self_train_pass.py --device cuda --pres
 # and masks on synthetic objects (1,600 tokens) and on 20 fixture images (ViT-S/16 at 480: 900 tokens)
 step cut_solver 75 "$PY" benchmarks/cut_solver.py --device cuda --repeats 3 --no-dense --synthetic 10 \
   --synthetic-side 40 --arch dino_vits16 --images 20
+# VoteCut over CuVLER's six backbones (each forward and eigensolve on the GPU), 8 fixture images at 480 px
+step votecut_ensemble 60 "$PY" benchmarks/mine_throughput.py --device cuda --miner votecut_ensemble --images 8 \
+  --batch 1 8
 
 echo
 echo "================================ summary ================================"
@@ -75,4 +78,6 @@ echo "-- self-training prediction pass (CutLER's detector, COCO fixture images)"
 grep -E '^self-training pass' "$LOG_DIR/self_train_pass.log" 2>/dev/null || true
 echo "-- normalized cut: solver=torch on the GPU vs scipy on the CPU (one cut; agreement of boxes and masks)"
 grep -E '^  (exact|torch|λ|synthetic|VOC07|  +one cut)' "$LOG_DIR/cut_solver.log" 2>/dev/null || true
+echo "-- VoteCut, six-backbone ensemble (images/s; seconds: decode forward miner write idle)"
+grep -E '^(arch|batch=)' "$LOG_DIR/votecut_ensemble.log" 2>/dev/null || true
 echo "logs: $LOG_DIR   total $(( $(date +%s) - START )) s"

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/mine_throughput.py                       # lost, dino_vits16 (GPU: batch 1 and 16)
     .venv/bin/python benchmarks/mine_throughput.py --miner dinoseg --batch 1 --procs 2 --threads 1
     .venv/bin/python benchmarks/mine_throughput.py --device cuda --batch 1 16 64 --precision bf16
+    .venv/bin/python benchmarks/mine_throughput.py --miner votecut_ensemble --images 3   # CuVLER's six backbones
 
 Times the real loop, ``pipeline.mining.mine_images`` (decode -> Backbone.features_batch -> Miner.mine_batch ->
 the sinks: a real journal in a temporary folder and a ``Timing`` sink), on the VOC07 fixture, after one warm-up
@@ -34,30 +35,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.backbones import build_backbone  # noqa: E402
+from pipeline.backbones.ensemble import build_ensemble  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.discovery import MINERS, build_miner  # noqa: E402
 from pipeline.mining import MiningRun, mine_images  # noqa: E402
 from pipeline.mining_sinks import Timing  # noqa: E402
 
 
-def miner_params(name: str) -> dict:
-    """The miner's parameters as conf/miner/<name>.yaml sets them (what its Miner reads; the backbone
-    outputs it needs come from the Miner itself)."""
+def miner_params(name: str) -> tuple[str, dict]:
+    """The miner a conf/miner/<name>.yaml builds (its schema's miner, e.g. votecut for votecut_ensemble) and its
+    parameters as the file sets them (what its Miner reads; the backbone outputs it needs come from the Miner
+    itself)."""
     import yaml
 
     path = REPO / "conf" / "miner" / f"{name}.yaml"
     params = yaml.safe_load(path.read_text()) if path.exists() else {}
-    return {k: v for k, v in (params or {}).items() if k not in ("name", "defaults")}
+    schemas = [d for d in (params or {}).get("defaults", []) if str(d).startswith("/schema/miner_")]
+    miner = schemas[0][len("/schema/miner_"):].split("@")[0] if schemas else name
+    return miner, {k: v for k, v in (params or {}).items() if k not in ("name", "defaults")}
 
 
 def bench_parts(args: dict, device: str = "cpu", exact: bool | None = None) -> tuple:
-    """The dataset, backbone and miner the benchmark mines with (a spawned worker builds them with this)."""
-    backbone = build_backbone(args["arch"], init="pretrained" if args["weights"] else "random", weights=args["weights"],
-                              device=device, precision=args["precision"], force_precision=args["force_precision"])
-    if exact is not None:  # the loop calls features_batch without ``exact``: fix it on this backbone
-        backbone.features_batch = functools.partial(backbone.features_batch, exact=exact)
+    """The dataset, backbone (an ensemble where the miner's file lists ``backbones``) and miner the benchmark mines
+    with (a spawned worker builds them with this)."""
+    def build(arch: str):
+        b = build_backbone(arch, init="pretrained" if args["weights"] else "random", weights=args["weights"],
+                           device=device, precision=args["precision"], force_precision=args["force_precision"])
+        if exact is not None:  # the loop calls features_batch without ``exact``: fix it on this backbone
+            b.features_batch = functools.partial(b.features_batch, exact=exact)
+        return b
+
+    miner, params = miner_params(args["miner"])
+    backbone = build_ensemble(params["backbones"], params.get("image_size") or 480, build) \
+        if params.get("backbones") else build(args["arch"])
     dataset = build_dataset("voc07", args["data"], max_images=args["images"])
-    return dataset, backbone, build_miner(args["miner"], backbone.patch_size, **miner_params(args["miner"]))
+    return dataset, backbone, build_miner(miner, backbone.patch_size, **params)
 
 
 def _breakdown(stats, workers: int = 0) -> dict:
@@ -119,7 +131,7 @@ def bench_procs(args, shared: dict, header: str, weights: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="dino_vits16")
-    ap.add_argument("--miner", default="lost", help=f"miner name ({sorted(MINERS)})")
+    ap.add_argument("--miner", default="lost", help=f"a conf/miner/ file: a miner ({sorted(MINERS)}) or votecut_ensemble")
     ap.add_argument("--feature", default="k")
     ap.add_argument("--data", default=os.environ.get("LOST_SHARED_DATA", str(REPO / "tests" / "data"))
                     + "/voc07-mini")
@@ -158,7 +170,7 @@ def main(argv=None) -> None:
     except ValueError as e:  # e.g. bf16 on a CPU without bf16 units: say so, no traceback
         raise SystemExit(f"error: {e}") from None
     build_s = time.time() - t0
-    print(f"arch={args.arch} miner={args.miner} device={device} threads={torch.get_num_threads()} "
+    print(f"arch={backbone.arch} miner={args.miner} device={device} threads={torch.get_num_threads()} "
           f"precision={args.precision} images={len(dataset)} decode workers={args.workers} weights={weights} "
           f"(build {build_s:.1f} s)")
     print(header)
