@@ -147,3 +147,26 @@ def test_cutler_recipe_trains_and_is_recorded(tmp_path, coco_tiny, capsys):
                                                          f"stage_dir={tmp_path / 'box'}"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "train_cag.copy_paste=0.5 pastes objects with their masks" in err
+
+
+@pytest.mark.parametrize("miner, detector", [
+    (["miner=votecut", "miner.backbones=[dino_vits16,dinov2_vits14:normed]", "miner.image_size=128",
+      "miner.min_size=1"], "cascade_mask_mobilenet_fpn"),
+    (["miner=found", "miner.mode=multi"], "cascade_mask_mobilenet_fpn")])
+def test_scored_miners_chain(tmp_path, coco_tiny, miner, detector):
+    """VoteCut's ensemble and FOUND, their scores as soft targets (score_weighting) of a Cascade Mask R-CNN, through
+    the whole chain with the default pictures."""
+    import torch
+
+    data = [f"paths.output_root={tmp_path}", "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=3",
+            *miner, f"detector={detector}", "train_cag.score_weighting=true"]
+    res = run_chain(data, labelled=True)
+    name = miner[0].split("=")[1]
+    base = tmp_path / "coco" / "dino_vits16"
+    _check_pictures(base, f"mine_{name}", 3)
+    boxes = json.loads((base / f"mine_{name}" / "pseudo_boxes.json").read_text())
+    assert all(0 <= a["score"] <= 1 for a in boxes["annotations"]) and res["mine"]["images"] == 3
+    assert set(res["cag"]["eval"]["mask"]) == {"AP", "AP50", "AP75", "AR100"}
+    artifact = torch.load(base / f"cag_{name}" / "model.pt", map_location="cpu", weights_only=False)["artifact_config"]
+    assert artifact["recipe"]["score_weighting"] is True
+    assert res["evaluate_cad"]["mean"]["AP50"] is not None
