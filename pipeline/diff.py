@@ -8,16 +8,26 @@ import json
 from typing import Any, Sequence
 
 
+#: a key one side does not record: an artifact leaves out a setting at its default (``Miner.recorded``,
+#: ``TrainRecipe.recorded``), so an absent key reads "(default)", never "null"
+ABSENT = type("Absent", (), {"__repr__": lambda self: "(default)"})()
+
+
 def diff_values(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two JSON values (dotted keys)."""
+    """``key: old -> new`` for every leaf that differs between two JSON values (dotted keys); a key only one side
+    has shows as ``(default)`` on the other (``miner.solver: (default) -> torch``)."""
+    if isinstance(old, dict) and new is ABSENT or old is ABSENT and isinstance(new, dict):
+        old, new = (old, {}) if new is ABSENT else ({}, new)
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted(set(old) | set(new), key=str):
-            out += diff_values(old.get(k), new.get(k), f"{prefix}{k}.")
+            out += diff_values(old.get(k, ABSENT), new.get(k, ABSENT), f"{prefix}{k}.")
         return out
     if old == new:
         return []
-    short = lambda v: (json.dumps(v, default=str) if not isinstance(v, str) else v)[:60]  # noqa: E731
+    def short(v: Any) -> str:
+        return (repr(v) if v is ABSENT else v if isinstance(v, str) else json.dumps(v, default=str))[:60]
+
     return [f"{prefix.rstrip('.') or '<root>'}: {short(old)} -> {short(new)}"]
 
 

@@ -249,7 +249,7 @@ def test_mine_stage_with_the_torch_solver_batched(tmp_path):
     assert metrics["images"] == 3 and metrics["failures"] == 0 and len(data["annotations"]) >= 3
     assert all(a["segmentation"]["counts"] and 0 <= a["score"] <= 1 for a in data["annotations"])
     assert json.loads((stage / "manifest.json").read_text())["artifact"]["miner"]["solver"] == "torch"
-    with pytest.raises(RerunRefused, match=r"changed: miner.solver: torch -> "):
+    with pytest.raises(RerunRefused, match=r"changed: miner.solver: torch -> \(default\)"):  # not "null"
         run(compose_cfg("mine", common))
     exact = run(compose_cfg("mine", [*common, "force=true"]))
     assert exact["images"] == 3
