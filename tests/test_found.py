@@ -301,6 +301,25 @@ def test_other_head_files(tmp_path):
         head_from_state_dict([1, 2])
 
 
+def test_a_head_file_is_recorded_by_its_content(tmp_path):
+    """A run's identity (``Miner.recorded``) holds a user's head file's sha256: a head retrained at the same path is
+    another run; the shipped head and none are recorded by name only, other miners as before."""
+    import hashlib
+
+    from pipeline.discovery import Miner
+
+    path = tmp_path / "head.pt"
+    torch.save(torch.nn.Conv2d(8, 1, 1).state_dict(), path)
+    params = {"name": "found", "head": str(path), "bkg_th": 0.3, "mode": "single"}
+    first = Miner.recorded(params)
+    assert first == {**params, "head_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    torch.save(torch.nn.Conv2d(8, 1, 1).state_dict(), path)   # retrained in place
+    assert Miner.recorded(params)["head_sha256"] != first["head_sha256"]
+    for head in ("shipped", "none"):
+        assert Miner.recorded({**params, "head": head}) == {**params, "head": head}
+    assert Miner.recorded({"name": "lost", "k_patches": 100}) == {"name": "lost", "k_patches": 100}
+
+
 # ---------------------------------------------------------------- the miner and its configuration
 def test_miner_parameters_schema_and_reading_the_head_once(monkeypatch):
     from pipeline.discovery import found as found_module

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
@@ -22,7 +23,7 @@ import numpy as np
 
 from pipeline.discovery.dinoseg import dinoseg
 from pipeline.discovery.found import NONE as FOUND_NO_HEAD
-from pipeline.discovery.found import check_found_params, check_head_width, found, load_head
+from pipeline.discovery.found import SHIPPED, check_found_params, check_head_width, found, load_head
 from pipeline.discovery.lost import check_positive_int, lost
 from pipeline.discovery.cut_solver import check_solver
 from pipeline.discovery.maskcut import maskcut, maskcut_batch
@@ -107,9 +108,16 @@ class Miner:
     @classmethod
     def recorded(cls, params: dict) -> dict:
         """``params`` as a run records them (what decides its boxes): without the parameters still at the value
-        runs had before those parameters existed (:attr:`unrecorded_defaults`)."""
+        runs had before those parameters existed (:attr:`unrecorded_defaults`), with what the miner ``params``
+        names adds (:meth:`identity`)."""
+        own = MINERS.get(params.get("name"), cls)
         return {k: v for k, v in params.items()
-                if not (k in cls.unrecorded_defaults and v == cls.unrecorded_defaults[k])}
+                if not (k in cls.unrecorded_defaults and v == cls.unrecorded_defaults[k])} | own.identity(params)
+
+    @classmethod
+    def identity(cls, params: dict) -> dict:
+        """What decides the boxes beyond the parameters' values (e.g. the content of a file a parameter names)."""
+        return {}
 
     def validate(self) -> None:
         """Check the parameters once (raise ValueError naming the parameter)."""
@@ -291,6 +299,16 @@ class FoundMiner(Miner):
     def validate(self) -> None:
         check_found_params(self.params["bkg_th"], self.params["mode"])
         self.head = load_head(self.params["head"])
+
+    @classmethod
+    def identity(cls, params: dict) -> dict:
+        """A head file of the user's is identified by its content too (a head retrained at the same path makes other
+        boxes); the shipped head and ``none`` by their names."""
+        from pipeline.artifacts import sha256_file
+
+        head = params.get("head")
+        path = None if head in (None, SHIPPED, FOUND_NO_HEAD) else os.path.expanduser(str(head))
+        return {"head_sha256": sha256_file(path)} if path and os.path.isfile(path) else {}
 
     def check_backbone(self, num_heads: int, embed_dim: int | None = None, feature: str | None = None) -> None:
         if num_heads == 0:
