@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU session check (at most ~9 minutes): CUDA tests, CUDA-vs-CPU box parity on the VOC07 fixture,
 # mining throughput at batch 1/16/64 in float32 and bf16, detector training throughput (AMP; CutLER's Cascade Mask
-# R-CNN beside Mask R-CNN), one self-training prediction pass, the cut solver, VoteCut's six-backbone ensemble, then one summary table. Random weights throughout (speed does not depend on them). Installs nothing beyond
+# R-CNN beside Mask R-CNN), one self-training prediction pass, the cut solver, VoteCut's six-backbone ensemble,
+# then one summary table. Random weights throughout (speed does not depend on them). Installs nothing beyond
 # `make install`. A failed or timed-out step is recorded and the script goes on to the summary.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root

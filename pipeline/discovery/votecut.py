@@ -45,8 +45,9 @@ Where this cannot match the reference, or does not follow it:
   backbone's 30 x 30 is an exact duplication (same IoUs, same means: the same objects); for other grids (a lone
   DINOv2's 34 x 34, or an ensemble without a patch-8 member) it is not.
 * The eigenvectors come from ``torch.linalg.eigh`` on the features' device: a GPU's when mining on one (as the
-  reference ran it), else LAPACK on the CPU with one thread; the sign is irrelevant (k-means of ``v`` and ``-v`` give the same labels), rounding is not where a value sits
-  on a k-means boundary. A repeated eigenvalue leaves the eigenvector arbitrary, in both.
+  reference ran it), else LAPACK on the CPU with one thread; the sign is irrelevant (k-means of ``v`` and ``-v``
+  give the same labels), rounding is not where a value sits on a k-means boundary. A repeated eigenvalue leaves
+  the eigenvector arbitrary, in both.
 * The k-means is a port, not scikit-learn itself: the same random draws and the same arithmetic, except that
   scikit-learn's BLAS/OpenMP reductions may round differently (this matters only for a point equidistant, to
   the last bit, from two centres, or two restarts of equal inertia); ``tests/test_votecut.py`` compares with
