@@ -175,25 +175,9 @@ class LostMiner(Miner):
     def mine_batch(self, outputs, image_sizes) -> list:
         """Same-size images share one device pass (:func:`pipeline.discovery.batched.lost_batch`: the same
         float operations as :func:`lost` on the same shapes, so the same results)."""
-        import torch
-
         from pipeline.discovery.batched import lost_batch
 
-        if len(outputs) != len(image_sizes):
-            raise ValueError(f"lost: {len(outputs)} feature outputs but {len(image_sizes)} image sizes")
-        groups: dict[tuple, list[int]] = {}
-        for i, o in enumerate(outputs):
-            if o.feats.shape[0] != 1:
-                raise ValueError(f"lost: output {i} holds {o.feats.shape[0]} images; pass one per image")
-            groups.setdefault((tuple(o.dims), tuple(o.feats.shape[1:]), o.feats.device), []).append(i)
-        results: list = [None] * len(outputs)
-        for idx in groups.values():
-            feats = torch.cat([outputs[i].feats for i in idx])
-            found = lost_batch(feats, outputs[idx[0]].dims, self.patch_size, [image_sizes[i] for i in idx],
-                               k_patches=self.params["k_patches"])
-            for i, r in zip(idx, found):
-                results[i] = r
-        return results
+        return _mine_grouped(self, lost_batch, outputs, image_sizes, k_patches=self.params["k_patches"])
 
 
 class DinoSegMiner(Miner):
@@ -225,12 +209,9 @@ def _check_cut(miner: str, params: dict) -> None:
     check_solver(params["solver"], miner)
 
 
-def _mine_cuts_batch(miner: Miner, batch_fn: Callable[..., list], outputs, image_sizes) -> list:
-    """``mine_batch`` of the normalized-cut miners: with ``solver="torch"`` the images of one patch grid (and
-    device) are solved together by ``batch_fn`` (``tokencut_batch``, ``maskcut_batch``); with the exact
-    ``"scipy"`` one image at a time, as ``Miner.mine_batch``."""
-    if miner.params["solver"] != "torch":
-        return Miner.mine_batch(miner, outputs, image_sizes)
+def _mine_grouped(miner: Miner, batch_fn: Callable[..., list], outputs, image_sizes, **params) -> list:
+    """``mine_batch`` by a batched algorithm: the images of one patch grid, feature width and device are solved
+    together by ``batch_fn(feats, dims, patch_size, image_sizes, **params)``; results in input order."""
     import torch
 
     if len(outputs) != len(image_sizes):
@@ -243,11 +224,19 @@ def _mine_cuts_batch(miner: Miner, batch_fn: Callable[..., list], outputs, image
     results: list = [None] * len(outputs)
     for idx in groups.values():
         feats = torch.cat([outputs[i].feats for i in idx])
-        found = batch_fn(feats, outputs[idx[0]].dims, miner.patch_size, [image_sizes[i] for i in idx],
-                         **miner.params)
+        found = batch_fn(feats, outputs[idx[0]].dims, miner.patch_size, [image_sizes[i] for i in idx], **params)
         for i, r in zip(idx, found):
             results[i] = r
     return results
+
+
+def _mine_cuts_batch(miner: Miner, batch_fn: Callable[..., list], outputs, image_sizes) -> list:
+    """``mine_batch`` of the normalized-cut miners: with ``solver="torch"`` the images of one patch grid (and
+    device) are solved together by ``batch_fn`` (``tokencut_batch``, ``maskcut_batch``); with the exact
+    ``"scipy"`` one image at a time, as ``Miner.mine_batch``."""
+    if miner.params["solver"] != "torch":
+        return Miner.mine_batch(miner, outputs, image_sizes)
+    return _mine_grouped(miner, batch_fn, outputs, image_sizes, **miner.params)
 
 
 class TokenCutMiner(Miner):
