@@ -38,9 +38,10 @@ def evaluate_detector(model_path: Path, records: Callable[[], Sequence], out_dir
     """
     import dataclasses
 
-    start, images = time.time(), records()
-    if not model_path.is_file():
+    start = time.time()
+    if not model_path.is_file():  # before the images are listed: a missing model is said at once
         raise ArtifactError(f"detector checkpoint not found: {model_path}. {hint}".strip())
+    images = records()
     key = sha256_json({"model": sha256_file(model_path), "images": _images_key(images), "mode": mode,
                        "eval": dataclasses.asdict(evaluation), "viz": dataclasses.asdict(viz)})
     done = read_json(out_dir / "manifest.json") if (out_dir / "manifest.json").is_file() else {}
