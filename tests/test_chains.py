@@ -153,11 +153,15 @@ def test_cutler_recipe_trains_and_is_recorded(tmp_path, coco_tiny, capsys):
     (["miner=votecut", "miner.backbones=[dino_vits16,dinov2_vits14:normed]", "miner.image_size=128",
       "miner.min_size=1"], "cascade_mask_mobilenet_fpn"),
     (["miner=found", "miner.mode=multi"], "cascade_mask_mobilenet_fpn")])
-def test_scored_miners_chain(tmp_path, coco_tiny, miner, detector):
+def test_scored_miners_chain(tmp_path, coco_tiny, monkeypatch, miner, detector):
     """VoteCut's ensemble and FOUND, their scores as soft targets (score_weighting) of a Cascade Mask R-CNN, through
-    the whole chain with the default pictures."""
+    the whole chain with the default pictures: the cascade's stage losses get the pseudo-boxes' scores."""
     import torch
 
+    import pipeline.detection.score_weighting as sw
+
+    weights, loss = [], sw.weighted_fastrcnn_loss
+    monkeypatch.setattr(sw, "weighted_fastrcnn_loss", lambda *a: weights.append(torch.cat(a[-1])) or loss(*a))
     data = [f"paths.output_root={tmp_path}", "dataset=coco", f"dataset.root={coco_tiny}", "dataset.max_images=3",
             *miner, f"detector={detector}", "train_cag.score_weighting=true"]
     res = run_chain(data, labelled=True)
@@ -169,4 +173,6 @@ def test_scored_miners_chain(tmp_path, coco_tiny, miner, detector):
     assert set(res["cag"]["eval"]["mask"]) == {"AP", "AP50", "AP75", "AR100"}
     artifact = torch.load(base / f"cag_{name}" / "model.pt", map_location="cpu", weights_only=False)["artifact_config"]
     assert artifact["recipe"]["score_weighting"] is True
+    seen = torch.cat(weights)  # every RoI's weight in every stage of every step: some mined scores below 1
+    assert len(weights) >= 3 and bool((seen < 1).any()) and bool(((seen > 0) & (seen <= 1)).all())
     assert res["evaluate_cad"]["mean"]["AP50"] is not None

@@ -173,7 +173,8 @@ class Trainer:
         for it in range(start, sch.iterations):
             images, targets = next(batches)
             images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: t[k].to(device) for k in ("boxes", "labels", "masks") if k in t} for t in targets]
+            # what the model reads: "scores" are the pseudo-boxes' (score weighting's soft targets; others ignore them)
+            targets = [{k: t[k].to(device) for k in ("boxes", "labels", "masks", "scores") if k in t} for t in targets]
             with torch.autocast(device.type, dtype=torch.float16, enabled=self.use_amp):
                 loss_dict = self.net(images, targets)
             loss = sum(loss_dict.values())
