@@ -179,6 +179,17 @@ def test_missing_or_corrupt_image_skips_its_boxes(two_colour_images):
     assert any("gone.jpg" in s["reason"] for s in res.skipped)
 
 
+def test_a_sliver_thinner_than_a_patch_after_max_size_is_skipped(two_colour_images):
+    """A 190 x 4 px box: shorter side 256 would make it 12,160 px long, max_size=64 caps that and leaves it 1 px
+    thick, below one 16 px patch: skipped with its reason (max_size), the others embedded."""
+    root, coco = two_colour_images
+    coco["annotations"].append({"id": 7, "image_id": 1, "bbox": [5, 50, 190, 4], "category_id": 1})
+    res = extract_box_features(coco, root, FakeBackbone(), short_side=32, max_size=64)
+    assert res.index == [(1, 1), (2, 1), (3, 2), (4, 1)]
+    assert [(s["annotation_id"], s["image_id"]) for s in res.skipped] == [(7, 1)]
+    assert "thinner than one 16 px patch" in res.skipped[0]["reason"] and "max_size" in res.skipped[0]["reason"]
+
+
 def test_real_vit_batched_equals_one_by_one(two_colour_images):
     from pipeline.backbones import build_backbone
 

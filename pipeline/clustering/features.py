@@ -157,6 +157,11 @@ def extract_box_features(
                 continue
             for p in positions:
                 crop = resize_shorter(crop_box(img, boxes[p].xyxy), short_side, max_size)
+                if min(crop.shape[:2]) < patch:  # a sliver: max_size capped its longer side below one patch across
+                    skipped.append({"annotation_id": boxes[p].ann_id, "image_id": image_id, "reason": (
+                        f"box {boxes[p].xyxy} of {fname} resized to {crop.shape[1]}x{crop.shape[0]} px (max_size="
+                        f"{max_size}) is thinner than one {patch} px patch; raise max_size to embed it")})
+                    continue
                 yield p, trim_to_patch(crop, patch)
 
     device = _backbone_device(backbone)
